@@ -12,3 +12,7 @@
 pub mod engine;
 pub mod sim;
 pub mod wire;
+pub mod control;
+pub mod driver;
+pub mod net;
+pub mod persist;

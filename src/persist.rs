@@ -1,0 +1,379 @@
+//! The state directory: node id, clock high-water mark and entries.
+//!
+//! The state lives on a router's flash, so:
+//! - every write is atomic (temp file, fsync, rename, fsync of the folder):
+//!   a power cut leaves either the old or the new file, never half of one;
+//! - writes are debounced by the driver ([`Debounce`]): at most one per
+//!   interval in a burst, and always one on close;
+//! - a state file that does not parse at start is moved aside (renamed to
+//!   `state.json.corrupt-<unix seconds>`, never deleted) with a clear log
+//!   line, and the gateway starts empty and resyncs from its peers.
+//!
+//! Files:
+//! - `node_id`: 16 hex digits. Kept apart from the entries so that a corrupt
+//!   state file does not also change the gateway's identity.
+//! - `state.json`:
+//!
+//! ```text
+//! {"format":1,"node_id":"<hex>","clock":<hlc>,"entries":[
+//!  {"k":"<key>","t":<hlc>,"o":"<origin hex>","v":<value JSON>},
+//!  {"k":"<key>","t":<hlc>,"o":"<origin hex>","d":1},            tombstone
+//!  {"k":"<key>","t":<hlc>,"o":"<origin hex>","b":"<hex bytes>"}  not JSON
+//! ]}
+//! ```
+//!
+//! Values are JSON already and are written as they are, so the file stays
+//! readable. A value that came from the network is opaque to the engine
+//! and may not be JSON; writing it raw would make the whole file unreadable,
+//! so such a value is kept as hex bytes (`b`) instead.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::engine::clock::{Hlc, Version};
+use crate::engine::store::{Entry, Store};
+use crate::engine::{Engine, NodeId};
+
+const STATE_FILE: &str = "state.json";
+const NODE_ID_FILE: &str = "node_id";
+const FORMAT: u32 = 1;
+
+/// Why the state directory could not be used.
+#[derive(Debug)]
+pub enum PersistError {
+    /// The directory could not be created or read.
+    Dir(PathBuf, io::Error),
+    /// A file could not be written (full flash, read-only mount).
+    Write(PathBuf, io::Error),
+}
+
+impl fmt::Display for PersistError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PersistError::Dir(path, error) => write!(f, "state directory {}: {error}", path.display()),
+            PersistError::Write(path, error) => write!(f, "writing {}: {error}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for PersistError {}
+
+/// What was found in the state directory at start.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No state file: a first start.
+    Empty,
+    /// The saved state.
+    State {
+        clock: Hlc,
+        entries: Vec<(String, Entry)>,
+    },
+    /// The state file did not parse and was moved to `moved_to`.
+    Corrupt { reason: String, moved_to: PathBuf },
+}
+
+/// A state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Uses (and creates, mode 0700) a state directory.
+    pub fn open(dir: &Path) -> Result<StateDir, PersistError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
+        Ok(StateDir { dir: dir.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// The persisted node id; `None` when absent or unreadable (a new one is
+    /// then chosen, which is harmless: versions name their own origin).
+    pub fn load_node_id(&self) -> Option<NodeId> {
+        let text = fs::read_to_string(self.dir.join(NODE_ID_FILE)).ok()?;
+        let id = text.trim().parse::<NodeId>().ok()?;
+        Some(id)
+    }
+
+    pub fn save_node_id(&self, id: NodeId) -> Result<(), PersistError> {
+        self.write_atomic(NODE_ID_FILE, |out| writeln!(out, "{id}"))
+    }
+
+    /// Reads the state file. A file that does not parse is moved aside.
+    pub fn load(&self) -> Loaded {
+        let path = self.state_path();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Loaded::Empty,
+            Err(error) => return self.move_aside(&path, format!("unreadable: {error}")),
+        };
+        match parse_state(&bytes) {
+            Ok((clock, entries)) => Loaded::State { clock, entries },
+            Err(reason) => {
+                drop(bytes);
+                self.move_aside(&path, reason)
+            }
+        }
+    }
+
+    fn move_aside(&self, path: &Path, reason: String) -> Loaded {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{seconds}"));
+        if let Err(error) = fs::rename(path, &moved_to) {
+            log::error!("could not move corrupt {} aside: {error}", path.display());
+        }
+        Loaded::Corrupt { reason, moved_to }
+    }
+
+    /// Writes the engine's state atomically.
+    pub fn save(&self, engine: &Engine) -> Result<(), PersistError> {
+        self.write_atomic(STATE_FILE, |out| write_state(out, engine))
+    }
+
+    fn write_atomic(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
+    ) -> Result<(), PersistError> {
+        let path = self.dir.join(name);
+        let temp = self.dir.join(format!("{name}.tmp"));
+        let result = (|| {
+            let file = File::create(&temp)?;
+            let mut out = BufWriter::new(&file);
+            fill(&mut out)?;
+            out.flush()?;
+            drop(out);
+            file.sync_all()?;
+            fs::rename(&temp, &path)?;
+            // The rename is durable only once the folder is.
+            File::open(&self.dir)?.sync_all()
+        })();
+        result.map_err(|error| {
+            let _ = fs::remove_file(&temp);
+            PersistError::Write(path, error)
+        })
+    }
+}
+
+fn write_state(out: &mut impl Write, engine: &Engine) -> io::Result<()> {
+    write!(
+        out,
+        "{{\"format\":{FORMAT},\"node_id\":\"{}\",\"clock\":{},\"entries\":[",
+        engine.node_id(),
+        engine.clock_high_water().0
+    )?;
+    write_entries(out, engine.store())?;
+    out.write_all(b"\n]}\n")
+}
+
+fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
+    for (index, (key, entry)) in store.iter().enumerate() {
+        out.write_all(if index == 0 { b"\n{\"k\":" } else { b",\n{\"k\":" })?;
+        serde_json::to_writer(&mut *out, key)?;
+        write!(out, ",\"t\":{},\"o\":\"{}\"", entry.version.hlc.0, entry.version.origin)?;
+        match &entry.value {
+            None => out.write_all(b",\"d\":1}")?,
+            Some(value) if is_json(value) => {
+                out.write_all(b",\"v\":")?;
+                out.write_all(value)?;
+                out.write_all(b"}")?;
+            }
+            Some(value) => {
+                out.write_all(b",\"b\":\"")?;
+                for byte in value.iter() {
+                    write!(out, "{byte:02x}")?;
+                }
+                out.write_all(b"\"}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether bytes are one JSON value, checked without building it.
+pub fn is_json(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+}
+
+#[derive(Deserialize)]
+struct StateFile<'a> {
+    format: u32,
+    clock: u64,
+    #[serde(borrow)]
+    entries: Vec<StateEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StateEntry<'a> {
+    k: String,
+    t: u64,
+    o: &'a str,
+    #[serde(default, borrow)]
+    v: Option<&'a RawValue>,
+    #[serde(default)]
+    d: u8,
+    #[serde(default)]
+    b: Option<&'a str>,
+}
+
+fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|error| error.to_string())?;
+    if file.format != FORMAT {
+        return Err(format!("unknown format {}", file.format));
+    }
+    let mut entries = Vec::with_capacity(file.entries.len());
+    for entry in file.entries {
+        let origin = entry
+            .o
+            .parse::<NodeId>()
+            .map_err(|_| format!("bad origin {:?} for key {:?}", entry.o, entry.k))?;
+        let value: Option<Box<[u8]>> = if entry.d != 0 {
+            None
+        } else if let Some(hex) = entry.b {
+            Some(decode_hex(hex).ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?.into())
+        } else {
+            // `"v":null` deserialises as no value; it was a JSON null.
+            Some(entry.v.map_or("null", RawValue::get).as_bytes().into())
+        };
+        let version = Version {
+            hlc: Hlc(entry.t),
+            origin,
+        };
+        entries.push((entry.k, Entry { version, value }));
+    }
+    Ok((Hlc(file.clock), entries))
+}
+
+pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| text.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+        .collect()
+}
+
+/// When to write: at most once per `interval_ms` while changes keep coming.
+#[derive(Debug, Clone)]
+pub struct Debounce {
+    pub interval_ms: u64,
+    written_generation: u64,
+    last_write: Option<u64>,
+}
+
+impl Debounce {
+    pub fn new(interval_ms: u64, written_generation: u64) -> Debounce {
+        Debounce {
+            interval_ms,
+            written_generation,
+            last_write: None,
+        }
+    }
+
+    /// When the next write is due, if there is anything to write.
+    pub fn due(&self, generation: u64) -> Option<u64> {
+        if generation == self.written_generation {
+            return None;
+        }
+        Some(self.last_write.map_or(0, |last| last + self.interval_ms))
+    }
+
+    pub fn written(&mut self, now: u64, generation: u64) {
+        self.written_generation = generation;
+        self.last_write = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Config;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gwsync-persist-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn state_round_trips_values_tombstones_null_and_non_json_bytes() {
+        let dir = temp_dir("roundtrip");
+        let state = StateDir::open(&dir).unwrap();
+        let mut engine = Engine::new(Config::default(), NodeId(0xab), 1, 0);
+        engine.set(0, 1_000, "a", br#"{"on":true}"#).unwrap();
+        engine.set(0, 1_001, "null", b"null").unwrap();
+        engine.set(0, 1_002, "gone", b"1").unwrap();
+        engine.delete(0, 1_003, "gone").unwrap();
+        engine.set(0, 1_004, "raw", b"\xff not json \"").unwrap();
+        engine.set(0, 1_005, "we\"ird\nkey", b"[1, 2]").unwrap();
+        state.save(&engine).unwrap();
+        let Loaded::State { clock, entries } = state.load() else {
+            panic!("state did not load");
+        };
+        assert_eq!(clock, engine.clock_high_water());
+        let mut restored = Engine::new(Config::default(), NodeId(0xcd), 2, 0);
+        restored.restore(clock, entries);
+        assert_eq!(restored.store().digest(), engine.store().digest());
+        assert_eq!(restored.get("null"), Some(&b"null"[..]));
+        assert_eq!(restored.get("gone"), None);
+        assert!(restored.store().get("gone").unwrap().is_tombstone());
+        assert_eq!(restored.get("raw"), Some(&b"\xff not json \""[..]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn truncated_state_is_moved_aside_not_deleted() {
+        let dir = temp_dir("corrupt");
+        let state = StateDir::open(&dir).unwrap();
+        let mut engine = Engine::new(Config::default(), NodeId(1), 1, 0);
+        engine.set(0, 1_000, "a", b"1").unwrap();
+        state.save(&engine).unwrap();
+        let bytes = fs::read(state.state_path()).unwrap();
+        fs::write(state.state_path(), &bytes[..bytes.len() / 2]).unwrap();
+        let Loaded::Corrupt { moved_to, .. } = state.load() else {
+            panic!("truncated state was accepted");
+        };
+        assert_eq!(fs::read(&moved_to).unwrap(), &bytes[..bytes.len() / 2]);
+        assert!(matches!(state.load(), Loaded::Empty));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn node_id_round_trips() {
+        let dir = temp_dir("node");
+        let state = StateDir::open(&dir).unwrap();
+        assert_eq!(state.load_node_id(), None);
+        state.save_node_id(NodeId(0x0123_4567_89ab_cdef)).unwrap();
+        assert_eq!(state.load_node_id(), Some(NodeId(0x0123_4567_89ab_cdef)));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn debounce_writes_at_once_then_at_most_once_per_interval() {
+        let mut debounce = Debounce::new(2_000, 0);
+        assert_eq!(debounce.due(0), None);
+        assert_eq!(debounce.due(1), Some(0));
+        debounce.written(100, 1);
+        assert_eq!(debounce.due(1), None);
+        assert_eq!(debounce.due(5), Some(2_100));
+    }
+}
