@@ -830,6 +830,13 @@ impl Driver {
     }
 }
 
+impl AsFd for Driver {
+    /// The same fd as [`Driver::fd`], borrowed, for poll loops in Rust.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         self.flush();
