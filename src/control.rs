@@ -268,8 +268,6 @@ impl Client {
             Ok(Answer::Reply(reply)) => reply,
             Ok(Answer::Watch) => {
                 self.watching = true;
-                // Keep the connection open after the client's EOF? No: a
-                // watcher that closes its write side is done.
                 r#"{"ok":true}"#.to_owned()
             }
             Err((code, message)) => error_reply(code, &message),
@@ -336,7 +334,17 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
             let value = fields
                 .get("value")
                 .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?;
-            driver.set(&key, value.get()).map_err(write_error)?;
+            driver.set(&key, value.get()).map_err(|failure| match failure {
+                SetError::Write(WriteError::ValueTooLarge) => (
+                    ErrorCode::TooLarge,
+                    format!(
+                        "value is too large: {} bytes, the limit is {} bytes",
+                        value.get().len(),
+                        driver.engine().config().store.value_bytes_max
+                    ),
+                ),
+                other => write_error(other),
+            })?;
             ok(None)
         }
         "del" => {

@@ -369,10 +369,9 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
             }
             // Checked here too so a typo gets a usage error at once, and so
             // the request stays one line.
-            let value = driver::compact_json(&text).map_err(|message| {
-                usage(format!(
-                    "value is not valid JSON ({message}); strings need quotes, e.g. '\"on\"'"
-                ))
+            let value = driver::compact_json(&text).map_err(|message| Failure {
+                code: EXIT_USAGE,
+                message: format!("value is not valid JSON ({message}); strings need quotes, e.g. '\"on\"'"),
             })?;
             format!("{{\"op\":\"set\",\"key\":{},\"value\":{value}}}", json_string(&key))
         }

@@ -1,0 +1,349 @@
+//! Helpers for the daemon tests: real `gwsync` processes, real sockets,
+//! and network namespaces joined by a bridge.
+//!
+//! Nothing here sleeps in place of synchronisation: [`wait_until`] polls a
+//! condition until a deadline and fails the test with what it waited for.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gwsync");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A number unique to this process and call, for ports and names.
+pub fn unique() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A UDP port for one test: spread by pid so parallel test binaries (and
+/// parallel tests in one binary) do not meet on one group.
+pub fn unique_port() -> u16 {
+    let spread = (std::process::id() % 1_000) * 37 + unique() * 7919;
+    20_000 + (spread % 40_000) as u16
+}
+
+/// Polls `condition` every 20 ms until it holds; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("gwsync-test-{}-{}-{tag}", std::process::id(), unique()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a CLI call returned.
+#[derive(Debug)]
+pub struct CliResult {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn cli_result(output: Output) -> CliResult {
+    CliResult {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs `gwsync ARGS` and returns its exit code and output.
+pub fn gwsync(args: &[&str]) -> CliResult {
+    cli_result(Command::new(BIN).args(args).output().expect("run gwsync"))
+}
+
+/// One daemon process, killed on drop.
+pub struct Daemon {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    netns: Option<String>,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts `gwsync daemon --foreground` with its own socket, state dir and
+    /// log file under `dir`, inside `netns` if given, and waits until its
+    /// control socket answers.
+    pub fn start(dir: &Path, name: &str, netns: Option<&str>, args: &[&str]) -> Daemon {
+        let mut daemon = Daemon::spawn(dir, name, netns, args);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Like [`Daemon::start`] but does not wait for the control socket.
+    pub fn spawn(dir: &Path, name: &str, netns: Option<&str>, args: &[&str]) -> Daemon {
+        let mut daemon = Daemon {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            socket: dir.join(format!("{name}.sock")),
+            state_dir: dir.join(format!("{name}.state")),
+            log: dir.join(format!("{name}.log")),
+            netns: netns.map(str::to_owned),
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            child: None,
+        };
+        daemon.launch();
+        daemon
+    }
+
+    fn launch(&mut self) {
+        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, BIN]);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        command
+            .arg("daemon")
+            .arg("--foreground")
+            .arg("--log-level")
+            .arg("debug")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(command.spawn().expect("start gwsync daemon"));
+    }
+
+    pub fn wait_ready(&mut self) {
+        let name = self.name.clone();
+        wait_until(&format!("daemon {name} answers on its control socket"), Duration::from_secs(10), || {
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("daemon {name} exited early ({status}); log:\n{}", self.log_text());
+                }
+            }
+            self.cli(&["status"]).code == 0
+        });
+    }
+
+    /// Runs a CLI command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> CliResult {
+        let mut full = vec!["--socket", self.socket.to_str().unwrap()];
+        full.extend_from_slice(args);
+        gwsync(&full)
+    }
+
+    /// `get KEY`'s stdout when it succeeds.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let result = self.cli(&["get", key]);
+        (result.code == 0).then(|| result.stdout.trim_end().to_owned())
+    }
+
+    pub fn set(&self, key: &str, json: &str) {
+        let result = self.cli(&["set", key, json]);
+        assert_eq!(result.code, 0, "set {key} on {}: {result:?}", self.name);
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let result = self.cli(&["status"]);
+        assert_eq!(result.code, 0, "status of {}: {result:?}", self.name);
+        serde_json::from_str(&result.stdout).unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        assert!(status.success(), "{} exited with {status}", self.name);
+                        return;
+                    }
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        panic!("{} did not stop on SIGTERM", self.name);
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    /// Starts the same daemon again (same socket, state and log).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running daemon");
+        self.launch();
+        self.wait_ready();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// Runs a command, failing the test with its output if it fails.
+pub fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program).args(args).output().expect(program);
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Network namespaces on one bridge, deleted on drop even when the test
+/// fails. The bridge lives in a namespace of its own ("hub"), so the test
+/// never touches the host's interfaces.
+pub struct Lan {
+    pub hub: String,
+    pub nodes: Vec<String>,
+}
+
+impl Lan {
+    /// `None` (after printing why) when not root: namespaces need it.
+    pub fn new(test: &str, nodes: usize) -> Option<Lan> {
+        if !is_root() {
+            eprintln!("SKIP {test}: network namespace tests need root (CI runs them as root)");
+            return None;
+        }
+        let tag = format!("gw{}x{}", std::process::id() % 100_000, unique());
+        let lan = Lan {
+            hub: format!("{tag}-hub"),
+            nodes: (0..nodes).map(|index| format!("{tag}-n{index}")).collect(),
+        };
+        run("ip", &["netns", "add", &lan.hub]);
+        // Snooping off, as netifd configures OpenWrt bridges by default.
+        run("ip", &["-n", &lan.hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        run("ip", &["-n", &lan.hub, "link", "set", "br0", "up"]);
+        for node in &lan.nodes {
+            run("ip", &["netns", "add", node]);
+            run("ip", &["-n", node, "link", "set", "lo", "up"]);
+        }
+        Some(lan)
+    }
+
+    /// Connects node `index` to the bridge as `eth0` (with an IPv4
+    /// link-local address unless `ipv4` is false) and brings it up.
+    pub fn connect(&self, index: usize, ipv4: bool) {
+        let node = &self.nodes[index];
+        let hub_end = format!("vh{index}");
+        run(
+            "ip",
+            &["-n", &self.hub, "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", node],
+        );
+        run("ip", &["-n", &self.hub, "link", "set", &hub_end, "master", "br0", "up"]);
+        if ipv4 {
+            let address = format!("169.254.73.{}/24", index + 1);
+            run("ip", &["-n", node, "addr", "add", &address, "dev", "eth0"]);
+        }
+        run("ip", &["-n", node, "link", "set", "eth0", "up"]);
+    }
+
+    pub fn connect_all(&self) {
+        for index in 0..self.nodes.len() {
+            self.connect(index, true);
+        }
+    }
+
+    pub fn link(&self, index: usize, up: bool) {
+        run("ip", &["-n", &self.nodes[index], "link", "set", "eth0", if up { "up" } else { "down" }]);
+    }
+
+    /// Drops `percent` % of incoming sync datagrams in node `index`.
+    pub fn inject_loss(&self, index: usize, percent: u32, port: u16) {
+        let node = &self.nodes[index];
+        let rule = format!("udp dport {port} numgen random mod 100 < {percent} drop");
+        run("ip", &["netns", "exec", node, "nft", "add", "table", "inet", "gwloss"]);
+        run(
+            "ip",
+            &["netns", "exec", node, "nft", "add chain inet gwloss input { type filter hook input priority 0; }"],
+        );
+        let mut args = vec!["netns", "exec", node, "nft", "add", "rule", "inet", "gwloss", "input"];
+        args.extend(rule.split(' '));
+        run("ip", &args);
+    }
+
+    /// Waits until no IPv6 address of node `index` is still tentative (DAD).
+    pub fn wait_ipv6_ready(&self, index: usize) {
+        let node = self.nodes[index].clone();
+        wait_until(&format!("{node} has a usable IPv6 link-local address"), Duration::from_secs(10), || {
+            let output = Command::new("ip")
+                .args(["-n", &node, "-6", "addr", "show", "dev", "eth0"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.contains("fe80::") && !text.contains("tentative")
+        });
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for node in self.nodes.iter().chain(std::iter::once(&self.hub)) {
+            let _ = Command::new("ip").args(["netns", "del", node]).output();
+        }
+    }
+}
