@@ -42,9 +42,14 @@ fn a_value_set_on_one_daemon_is_readable_on_the_others() {
     let dumped = daemons[1].cli(&["dump"]);
     assert_eq!(dumped.stdout.trim_end(), r#"{"home/1/scene":{"on":true,"level":40}}"#);
     assert_eq!(daemons[1].status()["live_entries"], 1);
-    wait_until("gw1 has heard both other gateways", SYNC_TIMEOUT, || {
-        daemons[1].status()["peers"].as_array().map(Vec::len) == Some(2)
-    });
+    // Trickle keeps consistent gateways quiet (k = 1), so gw1 need not
+    // have heard gw2 yet; it has heard gw0, whose write it holds.
+    let gw0_id = daemons[0].status()["node_id"].clone();
+    let peers = daemons[1].status()["peers"].clone();
+    assert!(
+        peers.as_array().unwrap().iter().any(|peer| peer["node_id"] == gw0_id),
+        "{peers}"
+    );
 }
 
 #[test]
