@@ -1,0 +1,179 @@
+//! One daemon per network namespace, the namespaces joined by a bridge:
+//! the closest a single machine gets to gateways on a LAN. Needs root (CI
+//! runs as root); without it every test prints SKIP and passes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, Lan, TempDir, unique_port, wait_until};
+
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn start_all(lan: &Lan, dir: &TempDir, port: u16, extra: &[&str]) -> Vec<Daemon> {
+    let port = port.to_string();
+    lan.nodes
+        .iter()
+        .enumerate()
+        .map(|(index, node)| {
+            let mut args = vec!["--interface", "eth0", "--port", &port];
+            args.extend_from_slice(extra);
+            Daemon::start(dir.path(), &format!("gw{index}"), Some(node), &args)
+        })
+        .collect()
+}
+
+fn wait_all_have(daemons: &[Daemon], key: &str, value: &str, timeout: Duration) {
+    for daemon in daemons {
+        wait_until(&format!("{} has {key} = {value}", daemon.name), timeout, || {
+            daemon.get(key).as_deref() == Some(value)
+        });
+    }
+}
+
+#[test]
+fn write_anywhere_read_everywhere() {
+    let Some(lan) = Lan::new("write_anywhere_read_everywhere", 4) else { return };
+    lan.connect_all();
+    let dir = TempDir::new("ns-anywhere");
+    let daemons = start_all(&lan, &dir, unique_port(), &[]);
+    for (index, daemon) in daemons.iter().enumerate() {
+        daemon.set(&format!("from/{index}"), &format!("{{\"gw\":{index}}}"));
+    }
+    for index in 0..daemons.len() {
+        wait_all_have(&daemons, &format!("from/{index}"), &format!("{{\"gw\":{index}}}"), SYNC_TIMEOUT);
+    }
+}
+
+#[test]
+fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
+    let Some(lan) = Lan::new("a_killed_daemon_catches_up_and_keeps_its_own_data", 3) else { return };
+    lan.connect_all();
+    let dir = TempDir::new("ns-kill");
+    let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
+    daemons[2].set("own/2", r#""mine""#);
+    wait_all_have(&daemons, "own/2", r#""mine""#, SYNC_TIMEOUT);
+    let state = daemons[2].state_dir.join("state.json");
+    wait_until("gw2 has saved own/2", SYNC_TIMEOUT, || {
+        std::fs::read_to_string(&state).is_ok_and(|text| text.contains("own/2"))
+    });
+    daemons[2].kill9();
+    daemons[0].set("while/away", "42");
+    daemons[2].restart();
+    assert!(daemons[2].log_text().contains("restored 1 entries"), "{}", daemons[2].log_text());
+    assert_eq!(daemons[2].get("own/2").as_deref(), Some(r#""mine""#));
+    wait_all_have(&daemons, "while/away", "42", SYNC_TIMEOUT);
+}
+
+#[test]
+fn a_link_that_goes_down_and_up_rejoins_by_itself() {
+    let Some(lan) = Lan::new("a_link_that_goes_down_and_up_rejoins_by_itself", 3) else { return };
+    lan.connect_all();
+    let dir = TempDir::new("ns-link");
+    let daemons = start_all(&lan, &dir, unique_port(), &[]);
+    daemons[0].set("before", "1");
+    wait_all_have(&daemons, "before", "1", SYNC_TIMEOUT);
+    lan.link(2, false);
+    wait_until("gw2 sees its link down", SYNC_TIMEOUT, || daemons[2].status()["interfaces"][0]["up"] == false);
+    daemons[0].set("during", "2");
+    daemons[2].set("offline/write", "3");
+    lan.link(2, true);
+    wait_all_have(&daemons, "during", "2", SYNC_TIMEOUT);
+    wait_all_have(&daemons, "offline/write", "3", SYNC_TIMEOUT);
+    assert!(daemons[2].log_text().contains("eth0 is up again"));
+}
+
+#[test]
+fn twenty_percent_loss_everywhere_still_converges() {
+    let Some(lan) = Lan::new("twenty_percent_loss_everywhere_still_converges", 4) else { return };
+    lan.connect_all();
+    let port = unique_port();
+    for index in 0..lan.nodes.len() {
+        lan.inject_loss(index, 20, port);
+    }
+    let dir = TempDir::new("ns-loss");
+    let daemons = start_all(&lan, &dir, port, &[]);
+    for round in 0..5 {
+        for (index, daemon) in daemons.iter().enumerate() {
+            daemon.set(&format!("k/{index}/{round}"), &format!("{round}"));
+        }
+    }
+    for round in 0..5 {
+        for index in 0..daemons.len() {
+            wait_all_have(&daemons, &format!("k/{index}/{round}"), &format!("{round}"), Duration::from_secs(120));
+        }
+    }
+    let digests: Vec<_> = daemons.iter().map(|daemon| daemon.status()["digest"].clone()).collect();
+    assert!(digests.windows(2).all(|pair| pair[0] == pair[1]), "{digests:?}");
+}
+
+#[test]
+fn a_daemon_started_before_its_interface_joins_when_it_appears() {
+    let Some(lan) = Lan::new("a_daemon_started_before_its_interface_joins_when_it_appears", 3) else {
+        return;
+    };
+    lan.connect(0, true);
+    lan.connect(1, true);
+    let dir = TempDir::new("ns-late");
+    let port = unique_port().to_string();
+    let args = ["--interface", "eth0", "--port", &port];
+    let early: Vec<Daemon> = (0..2)
+        .map(|index| Daemon::start(dir.path(), &format!("gw{index}"), Some(&lan.nodes[index]), &args))
+        .collect();
+    let late = Daemon::start(dir.path(), "gw2", Some(&lan.nodes[2]), &args);
+    wait_until("gw2 says eth0 is missing", SYNC_TIMEOUT, || late.log_text().contains("does not exist"));
+    early[0].set("written/before", r#"{"a":1}"#);
+    lan.connect(2, true);
+    wait_until("gw2 gets the earlier write", SYNC_TIMEOUT, || {
+        late.get("written/before").as_deref() == Some(r#"{"a":1}"#)
+    });
+    late.set("written/late", "true");
+    wait_all_have(&early, "written/late", "true", SYNC_TIMEOUT);
+    assert_eq!(late.log_text().matches("does not exist").count(), 1, "logged once");
+}
+
+#[test]
+fn ipv6_link_local_only_lan_syncs() {
+    let Some(lan) = Lan::new("ipv6_link_local_only_lan_syncs", 3) else { return };
+    for index in 0..lan.nodes.len() {
+        lan.connect(index, false);
+    }
+    for index in 0..lan.nodes.len() {
+        lan.wait_ipv6_ready(index);
+    }
+    let dir = TempDir::new("ns-v6");
+    let daemons = start_all(&lan, &dir, unique_port(), &["--group", "ff02::7373"]);
+    daemons[1].set("v6", r#""link-local""#);
+    wait_all_have(&daemons, "v6", r#""link-local""#, SYNC_TIMEOUT);
+    daemons[2].set("v6/back", "1");
+    wait_all_have(&daemons, "v6/back", "1", SYNC_TIMEOUT);
+    assert_eq!(daemons[0].status()["group"], "ff02::7373");
+}
+
+#[test]
+fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
+    let Some(lan) = Lan::new("a_truncated_state_file_is_set_aside_and_the_data_resyncs", 2) else { return };
+    lan.connect_all();
+    let dir = TempDir::new("ns-corrupt");
+    let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
+    for index in 0..20 {
+        daemons[0].set(&format!("data/{index}"), &format!("{{\"i\":{index}}}"));
+    }
+    wait_all_have(&daemons, "data/19", r#"{"i":19}"#, SYNC_TIMEOUT);
+    daemons[1].terminate();
+    let state = daemons[1].state_dir.join("state.json");
+    let bytes = std::fs::read(&state).unwrap();
+    assert!(String::from_utf8_lossy(&bytes).contains("data/19"));
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+    daemons[1].restart();
+    let log = daemons[1].log_text();
+    assert!(log.contains("is corrupt") && log.contains("moved it to"), "{log}");
+    let set_aside = std::fs::read_dir(&daemons[1].state_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("state.json.corrupt-"));
+    assert!(set_aside, "the corrupt file is kept for inspection");
+    for index in 0..20 {
+        wait_all_have(&daemons, &format!("data/{index}"), &format!("{{\"i\":{index}}}"), SYNC_TIMEOUT);
+    }
+}
