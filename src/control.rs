@@ -88,8 +88,12 @@ pub enum ControlError {
 impl fmt::Display for ControlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ControlError::InUse(path) => write!(f, "a daemon is already serving {}", path.display()),
-            ControlError::Bind(path, error) => write!(f, "cannot listen on {}: {error}", path.display()),
+            ControlError::InUse(path) => {
+                write!(f, "a daemon is already serving {}", path.display())
+            }
+            ControlError::Bind(path, error) => {
+                write!(f, "cannot listen on {}: {error}", path.display())
+            }
         }
     }
 }
@@ -191,7 +195,7 @@ impl ControlServer {
             client.write();
         }
         self.clients
-            .retain(|client| !client.broken && !(client.done_reading && client.outbox.is_empty()));
+            .retain(|client| !(client.broken || client.done_reading && client.outbox.is_empty()));
     }
 
     /// Sends a change to every `watch` client.
@@ -296,21 +300,35 @@ fn write_error(error: SetError) -> (ErrorCode, String) {
 }
 
 /// Takes a string field of a request.
-fn string_field(fields: &BTreeMap<String, Box<RawValue>>, name: &str) -> Result<Option<String>, (ErrorCode, String)> {
+fn string_field(
+    fields: &BTreeMap<String, Box<RawValue>>,
+    name: &str,
+) -> Result<Option<String>, (ErrorCode, String)> {
     match fields.get(name) {
         None => Ok(None),
         Some(raw) => serde_json::from_str::<String>(raw.get())
             .map(Some)
-            .map_err(|_| (ErrorCode::BadRequest, format!("\"{name}\" must be a string"))),
+            .map_err(|_| {
+                (
+                    ErrorCode::BadRequest,
+                    format!("\"{name}\" must be a string"),
+                )
+            }),
     }
 }
 
 fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode, String)> {
     // Raw fields, so a value keeps its exact text (and a JSON null value
     // stays distinct from a missing one).
-    let fields: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(line)
-        .map_err(|error| (ErrorCode::BadRequest, format!("request is not a JSON object: {error}")))?;
-    let op = string_field(&fields, "op")?.ok_or((ErrorCode::BadRequest, "missing \"op\"".to_owned()))?;
+    let fields: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(line).map_err(|error| {
+            (
+                ErrorCode::BadRequest,
+                format!("request is not a JSON object: {error}"),
+            )
+        })?;
+    let op =
+        string_field(&fields, "op")?.ok_or((ErrorCode::BadRequest, "missing \"op\"".to_owned()))?;
     let key = || {
         string_field(&fields, "key")?.ok_or((ErrorCode::BadRequest, "missing \"key\"".to_owned()))
     };
@@ -334,17 +352,19 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
             let value = fields
                 .get("value")
                 .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?;
-            driver.set(&key, value.get()).map_err(|failure| match failure {
-                SetError::Write(WriteError::ValueTooLarge) => (
-                    ErrorCode::TooLarge,
-                    format!(
-                        "value is too large: {} bytes, the limit is {} bytes",
-                        value.get().len(),
-                        driver.engine().config().store.value_bytes_max
+            driver
+                .set(&key, value.get())
+                .map_err(|failure| match failure {
+                    SetError::Write(WriteError::ValueTooLarge) => (
+                        ErrorCode::TooLarge,
+                        format!(
+                            "value is too large: {} bytes, the limit is {} bytes",
+                            value.get().len(),
+                            driver.engine().config().store.value_bytes_max
+                        ),
                     ),
-                ),
-                other => write_error(other),
-            })?;
+                    other => write_error(other),
+                })?;
             ok(None)
         }
         "del" => {
@@ -353,14 +373,19 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
         }
         "list" => {
             let prefix = string_field(&fields, "prefix")?.unwrap_or_default();
-            ok(Some(("keys", Value::from(driver.list(&prefix)).to_string())))
+            ok(Some((
+                "keys",
+                Value::from(driver.list(&prefix)).to_string(),
+            )))
         }
         "dump" => ok(Some(("data", driver.dump()))),
         "status" => ok(Some(("status", driver.status().to_string()))),
         "trigger" => {
             let reason = string_field(&fields, "reason")?.unwrap_or_else(|| "manual".to_owned());
-            let reason = parse_trigger(&reason)
-                .ok_or((ErrorCode::BadRequest, format!("unknown trigger reason: {reason}")))?;
+            let reason = parse_trigger(&reason).ok_or((
+                ErrorCode::BadRequest,
+                format!("unknown trigger reason: {reason}"),
+            ))?;
             driver.trigger(reason);
             ok(None)
         }
@@ -387,9 +412,15 @@ pub fn change_line(change: &ChangeEvent) -> String {
         Some(value) => {
             let mut json = String::new();
             driver::push_json(&mut json, value.as_bytes());
-            format!("{{\"key\":{key},\"value\":{json},\"origin\":\"{}\"}}\n", change.origin)
+            format!(
+                "{{\"key\":{key},\"value\":{json},\"origin\":\"{}\"}}\n",
+                change.origin
+            )
         }
-        None => format!("{{\"key\":{key},\"deleted\":true,\"origin\":\"{}\"}}\n", change.origin),
+        None => format!(
+            "{{\"key\":{key},\"deleted\":true,\"origin\":\"{}\"}}\n",
+            change.origin
+        ),
     }
 }
 

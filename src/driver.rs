@@ -150,6 +150,9 @@ pub struct ChangeEvent {
     pub origin: NodeId,
 }
 
+/// Receives change events instead of the queue (see [`Driver::on_change`]).
+pub type ChangeCallback = Box<dyn FnMut(&ChangeEvent)>;
+
 /// I/O counters, next to the engine's own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DriverCounters {
@@ -195,7 +198,7 @@ pub struct Driver {
     state: Option<StateDir>,
     debounce: Debounce,
     changes: VecDeque<ChangeEvent>,
-    on_change: Option<Box<dyn FnMut(&ChangeEvent)>>,
+    on_change: Option<ChangeCallback>,
     counters: DriverCounters,
     recv_buffer: Vec<u8>,
 }
@@ -223,7 +226,10 @@ impl Driver {
             Some(dir) => Some(StateDir::open(dir).map_err(OpenError::State)?),
             None => None,
         };
-        let node_id = match (config.node_id, state.as_ref().and_then(StateDir::load_node_id)) {
+        let node_id = match (
+            config.node_id,
+            state.as_ref().and_then(StateDir::load_node_id),
+        ) {
             (Some(id), _) => id,
             (None, Some(id)) => id,
             (None, None) => NodeId(rng.random()),
@@ -237,11 +243,17 @@ impl Driver {
         let mut engine = Engine::new(config.engine.clone(), node_id, rng.random(), 0);
         if let Some(state) = &state {
             match state.load() {
-                Loaded::Empty => log::info!("no saved state in {}: starting empty", state.path().display()),
+                Loaded::Empty => log::info!(
+                    "no saved state in {}: starting empty",
+                    state.path().display()
+                ),
                 Loaded::State { clock, entries } => {
                     let count = entries.len();
                     engine.restore(clock, entries);
-                    log::info!("restored {count} entries from {}", state.state_path().display());
+                    log::info!(
+                        "restored {count} entries from {}",
+                        state.state_path().display()
+                    );
                 }
                 Loaded::Corrupt { reason, moved_to } => log::error!(
                     "state file {} is corrupt ({reason}); moved it to {} and starting empty, \
@@ -254,7 +266,8 @@ impl Driver {
         if config.key.is_none() {
             log::warn!("no group key: datagrams are neither authenticated nor encrypted");
         }
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|errno| OpenError::Poll(errno.into()))?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|errno| OpenError::Poll(errno.into()))?;
         let link_watch = match LinkWatch::open() {
             Ok(watch) => {
                 let event = EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LINK_WATCH);
@@ -407,7 +420,10 @@ impl Driver {
                 Err(error) => {
                     self.counters.recv_errors += 1;
                     if worth_logging(self.counters.recv_errors) {
-                        log::warn!("receive failed ({} times): {error}", self.counters.recv_errors);
+                        log::warn!(
+                            "receive failed ({} times): {error}",
+                            self.counters.recv_errors
+                        );
                     }
                     break;
                 }
@@ -470,13 +486,17 @@ impl Driver {
                         self.counters.changes_dropped += 1;
                     }
                 }
-                Event::PeerDiscovered(peer) => log::info!("heard gateway {peer} for the first time"),
+                Event::PeerDiscovered(peer) => {
+                    log::info!("heard gateway {peer} for the first time")
+                }
                 Event::RebuildSocket => {
                     log::info!("nothing heard from any gateway for a while: rebuilding the socket");
                     self.rebuild_socket();
                 }
                 Event::NodeIdClash { old, new } => {
-                    log::warn!("node id {old} clashed with another gateway (cloned image?); now {new}");
+                    log::warn!(
+                        "node id {old} clashed with another gateway (cloned image?); now {new}"
+                    );
                     if let Some(state) = &self.state {
                         if let Err(error) = state.save_node_id(new) {
                             log::error!("could not save the new node id: {error}");
@@ -543,7 +563,10 @@ impl Driver {
                             need_retry = true;
                             self.counters.join_errors += 1;
                             if worth_logging(self.counters.join_errors) {
-                                log::warn!("cannot join group {} yet: {error}; retrying", socket.group());
+                                log::warn!(
+                                    "cannot join group {} yet: {error}; retrying",
+                                    socket.group()
+                                );
                             }
                         }
                     }
@@ -597,7 +620,10 @@ impl Driver {
                         need_retry = true;
                         self.counters.join_errors += 1;
                         if worth_logging(self.counters.join_errors) {
-                            log::warn!("cannot join group {} on {name} yet: {error}; retrying", socket.group());
+                            log::warn!(
+                                "cannot join group {} on {name} yet: {error}; retrying",
+                                socket.group()
+                            );
                         }
                     }
                 }
@@ -661,7 +687,9 @@ impl Driver {
     /// Deletes a key; [`WriteError::NotFound`] when it holds no value.
     pub fn delete(&mut self, key: &str) -> Result<(), SetError> {
         let now = self.now();
-        self.engine.delete(now, Self::wall_ms(), key).map_err(SetError::Write)?;
+        self.engine
+            .delete(now, Self::wall_ms(), key)
+            .map_err(SetError::Write)?;
         self.drain_events();
         Ok(())
     }
@@ -722,7 +750,7 @@ impl Driver {
     }
 
     /// Sets a callback for change events instead of the queue.
-    pub fn on_change(&mut self, callback: Option<Box<dyn FnMut(&ChangeEvent)>>) {
+    pub fn on_change(&mut self, callback: Option<ChangeCallback>) {
         self.on_change = callback;
     }
 

@@ -9,10 +9,10 @@
 //! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
-pub mod engine;
-pub mod sim;
-pub mod wire;
 pub mod control;
 pub mod driver;
+pub mod engine;
 pub mod net;
 pub mod persist;
+pub mod sim;
+pub mod wire;

@@ -66,7 +66,11 @@ impl GroupSocket {
             IpAddr::V4(_) => Domain::IPV4,
             IpAddr::V6(_) => Domain::IPV6,
         };
-        let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(Protocol::UDP))?;
+        let socket = Socket::new(
+            domain,
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(Protocol::UDP),
+        )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         match group {
@@ -80,13 +84,19 @@ impl GroupSocket {
             }
             IpAddr::V6(_) => {
                 socket.set_only_v6(true)?;
-                socket.bind(&SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into())?;
+                socket.bind(
+                    &SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into(),
+                )?;
                 socket.set_multicast_all_v6(false)?;
                 socket.set_multicast_hops_v6(1)?;
                 socket.set_multicast_loop_v6(true)?;
             }
         }
-        Ok(GroupSocket { socket, group, port })
+        Ok(GroupSocket {
+            socket,
+            group,
+            port,
+        })
     }
 
     pub fn group(&self) -> IpAddr {
@@ -176,7 +186,9 @@ impl AsRawFd for GroupSocket {
 
 /// The index of a network interface, `None` when it does not exist.
 pub fn interface_index(name: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(name).ok().filter(|&index| index != 0)
+    nix::net::if_::if_nametoindex(name)
+        .ok()
+        .filter(|&index| index != 0)
 }
 
 /// Whether an interface is up with its lower layer up (carrier). Reads

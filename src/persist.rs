@@ -55,7 +55,9 @@ pub enum PersistError {
 impl fmt::Display for PersistError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PersistError::Dir(path, error) => write!(f, "state directory {}: {error}", path.display()),
+            PersistError::Dir(path, error) => {
+                write!(f, "state directory {}: {error}", path.display())
+            }
             PersistError::Write(path, error) => write!(f, "writing {}: {error}", path.display()),
         }
     }
@@ -92,7 +94,9 @@ impl StateDir {
             .mode(0o700)
             .create(dir)
             .map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
-        Ok(StateDir { dir: dir.to_owned() })
+        Ok(StateDir {
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -186,9 +190,17 @@ fn write_state(out: &mut impl Write, engine: &Engine) -> io::Result<()> {
 
 fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
     for (index, (key, entry)) in store.iter().enumerate() {
-        out.write_all(if index == 0 { b"\n{\"k\":" } else { b",\n{\"k\":" })?;
+        out.write_all(if index == 0 {
+            b"\n{\"k\":"
+        } else {
+            b",\n{\"k\":"
+        })?;
         serde_json::to_writer(&mut *out, key)?;
-        write!(out, ",\"t\":{},\"o\":\"{}\"", entry.version.hlc.0, entry.version.origin)?;
+        write!(
+            out,
+            ",\"t\":{},\"o\":\"{}\"",
+            entry.version.hlc.0, entry.version.origin
+        )?;
         match &entry.value {
             None => out.write_all(b",\"d\":1}")?,
             Some(value) if is_json(value) => {
@@ -248,7 +260,11 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
         let value: Option<Box<[u8]>> = if entry.d != 0 {
             None
         } else if let Some(hex) = entry.b {
-            Some(decode_hex(hex).ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?.into())
+            Some(
+                decode_hex(hex)
+                    .ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?
+                    .into(),
+            )
         } else {
             // `"v":null` deserialises as no value; it was a JSON null.
             Some(entry.v.map_or("null", RawValue::get).as_bytes().into())
@@ -268,7 +284,10 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
     }
     (0..text.len())
         .step_by(2)
-        .map(|at| text.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+        .map(|at| {
+            text.get(at..at + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
         .collect()
 }
 
@@ -309,7 +328,8 @@ mod tests {
     use crate::engine::Config;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("gwsync-persist-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("gwsync-persist-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }

@@ -31,23 +31,35 @@ fn a_value_set_on_one_daemon_is_readable_on_the_others() {
     let dir = TempDir::new("set-get");
     let daemons = group_on_lo(&dir, 3);
     daemons[0].set("home/1/scene", r#"{ "on": true, "level": 40 }"#);
-    assert_eq!(daemons[0].get("home/1/scene").as_deref(), Some(r#"{"on":true,"level":40}"#));
+    assert_eq!(
+        daemons[0].get("home/1/scene").as_deref(),
+        Some(r#"{"on":true,"level":40}"#)
+    );
     for daemon in &daemons[1..] {
-        wait_until(&format!("{} has home/1/scene", daemon.name), SYNC_TIMEOUT, || {
-            daemon.get("home/1/scene").as_deref() == Some(r#"{"on":true,"level":40}"#)
-        });
+        wait_until(
+            &format!("{} has home/1/scene", daemon.name),
+            SYNC_TIMEOUT,
+            || daemon.get("home/1/scene").as_deref() == Some(r#"{"on":true,"level":40}"#),
+        );
     }
     let listed = daemons[2].cli(&["list", "home/"]);
     assert_eq!(listed.stdout, "home/1/scene\n");
     let dumped = daemons[1].cli(&["dump"]);
-    assert_eq!(dumped.stdout.trim_end(), r#"{"home/1/scene":{"on":true,"level":40}}"#);
+    assert_eq!(
+        dumped.stdout.trim_end(),
+        r#"{"home/1/scene":{"on":true,"level":40}}"#
+    );
     assert_eq!(daemons[1].status()["live_entries"], 1);
     // Trickle keeps consistent gateways quiet (k = 1), so gw1 need not
     // have heard gw2 yet; it has heard gw0, whose write it holds.
     let gw0_id = daemons[0].status()["node_id"].clone();
     let peers = daemons[1].status()["peers"].clone();
     assert!(
-        peers.as_array().unwrap().iter().any(|peer| peer["node_id"] == gw0_id),
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|peer| peer["node_id"] == gw0_id),
         "{peers}"
     );
 }
@@ -58,7 +70,9 @@ fn a_delete_propagates() {
     let daemons = group_on_lo(&dir, 3);
     daemons[1].set("gone", "1");
     for daemon in &daemons {
-        wait_until(&format!("{} has gone", daemon.name), SYNC_TIMEOUT, || daemon.get("gone").is_some());
+        wait_until(&format!("{} has gone", daemon.name), SYNC_TIMEOUT, || {
+            daemon.get("gone").is_some()
+        });
     }
     assert_eq!(daemons[2].cli(&["del", "gone"]).code, 0);
     for daemon in &daemons {
@@ -136,9 +150,17 @@ fn cli_errors_have_clear_messages_and_documented_exit_codes() {
     assert!(oversized.stderr.contains("too large"), "{oversized:?}");
     assert!(oversized.stderr.contains("65536"), "{oversized:?}");
 
-    let no_daemon = gwsync(&["--socket", dir.path().join("nobody.sock").to_str().unwrap(), "get", "k"]);
+    let no_daemon = gwsync(&[
+        "--socket",
+        dir.path().join("nobody.sock").to_str().unwrap(),
+        "get",
+        "k",
+    ]);
     assert_eq!(no_daemon.code, 1, "{no_daemon:?}");
-    assert!(no_daemon.stderr.contains("cannot reach the daemon"), "{no_daemon:?}");
+    assert!(
+        no_daemon.stderr.contains("cannot reach the daemon"),
+        "{no_daemon:?}"
+    );
 
     assert_eq!(gwsync(&["frobnicate"]).code, 2);
     assert_eq!(gwsync(&[]).code, 2);
@@ -171,7 +193,10 @@ fn control_socket_is_private_and_a_second_daemon_on_it_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("socket-mode");
     let daemons = group_on_lo(&dir, 1);
-    let mode = std::fs::metadata(&daemons[0].socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&daemons[0].socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let second = Command::new(common::BIN)
         .args(["daemon", "--foreground", "--interface", "lo", "--socket"])
@@ -201,6 +226,14 @@ fn sigterm_saves_the_state_and_a_restart_restores_it() {
 fn demo_converges_to_version_3() {
     let demo = gwsync(&["demo"]);
     assert_eq!(demo.code, 0, "{demo:?}");
-    assert!(demo.stdout.contains("All three gateways hold version 3"), "{}", demo.stdout);
-    assert!(demo.stdout.contains("gw2  -> group: sync request"), "{}", demo.stdout);
+    assert!(
+        demo.stdout.contains("All three gateways hold version 3"),
+        "{}",
+        demo.stdout
+    );
+    assert!(
+        demo.stdout.contains("gw2  -> group: sync request"),
+        "{}",
+        demo.stdout
+    );
 }

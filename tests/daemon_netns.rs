@@ -25,15 +25,19 @@ fn start_all(lan: &Lan, dir: &TempDir, port: u16, extra: &[&str]) -> Vec<Daemon>
 
 fn wait_all_have(daemons: &[Daemon], key: &str, value: &str, timeout: Duration) {
     for daemon in daemons {
-        wait_until(&format!("{} has {key} = {value}", daemon.name), timeout, || {
-            daemon.get(key).as_deref() == Some(value)
-        });
+        wait_until(
+            &format!("{} has {key} = {value}", daemon.name),
+            timeout,
+            || daemon.get(key).as_deref() == Some(value),
+        );
     }
 }
 
 #[test]
 fn write_anywhere_read_everywhere() {
-    let Some(lan) = Lan::new("write_anywhere_read_everywhere", 4) else { return };
+    let Some(lan) = Lan::new("write_anywhere_read_everywhere", 4) else {
+        return;
+    };
     lan.connect_all();
     let dir = TempDir::new("ns-anywhere");
     let daemons = start_all(&lan, &dir, unique_port(), &[]);
@@ -41,13 +45,20 @@ fn write_anywhere_read_everywhere() {
         daemon.set(&format!("from/{index}"), &format!("{{\"gw\":{index}}}"));
     }
     for index in 0..daemons.len() {
-        wait_all_have(&daemons, &format!("from/{index}"), &format!("{{\"gw\":{index}}}"), SYNC_TIMEOUT);
+        wait_all_have(
+            &daemons,
+            &format!("from/{index}"),
+            &format!("{{\"gw\":{index}}}"),
+            SYNC_TIMEOUT,
+        );
     }
 }
 
 #[test]
 fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
-    let Some(lan) = Lan::new("a_killed_daemon_catches_up_and_keeps_its_own_data", 3) else { return };
+    let Some(lan) = Lan::new("a_killed_daemon_catches_up_and_keeps_its_own_data", 3) else {
+        return;
+    };
     lan.connect_all();
     let dir = TempDir::new("ns-kill");
     let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
@@ -60,21 +71,29 @@ fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
     daemons[2].kill9();
     daemons[0].set("while/away", "42");
     daemons[2].restart();
-    assert!(daemons[2].log_text().contains("restored 1 entries"), "{}", daemons[2].log_text());
+    assert!(
+        daemons[2].log_text().contains("restored 1 entries"),
+        "{}",
+        daemons[2].log_text()
+    );
     assert_eq!(daemons[2].get("own/2").as_deref(), Some(r#""mine""#));
     wait_all_have(&daemons, "while/away", "42", SYNC_TIMEOUT);
 }
 
 #[test]
 fn a_link_that_goes_down_and_up_rejoins_by_itself() {
-    let Some(lan) = Lan::new("a_link_that_goes_down_and_up_rejoins_by_itself", 3) else { return };
+    let Some(lan) = Lan::new("a_link_that_goes_down_and_up_rejoins_by_itself", 3) else {
+        return;
+    };
     lan.connect_all();
     let dir = TempDir::new("ns-link");
     let daemons = start_all(&lan, &dir, unique_port(), &[]);
     daemons[0].set("before", "1");
     wait_all_have(&daemons, "before", "1", SYNC_TIMEOUT);
     lan.link(2, false);
-    wait_until("gw2 sees its link down", SYNC_TIMEOUT, || daemons[2].status()["interfaces"][0]["up"] == false);
+    wait_until("gw2 sees its link down", SYNC_TIMEOUT, || {
+        daemons[2].status()["interfaces"][0]["up"] == false
+    });
     daemons[0].set("during", "2");
     daemons[2].set("offline/write", "3");
     lan.link(2, true);
@@ -85,7 +104,9 @@ fn a_link_that_goes_down_and_up_rejoins_by_itself() {
 
 #[test]
 fn twenty_percent_loss_everywhere_still_converges() {
-    let Some(lan) = Lan::new("twenty_percent_loss_everywhere_still_converges", 4) else { return };
+    let Some(lan) = Lan::new("twenty_percent_loss_everywhere_still_converges", 4) else {
+        return;
+    };
     lan.connect_all();
     let port = unique_port();
     for index in 0..lan.nodes.len() {
@@ -100,16 +121,30 @@ fn twenty_percent_loss_everywhere_still_converges() {
     }
     for round in 0..5 {
         for index in 0..daemons.len() {
-            wait_all_have(&daemons, &format!("k/{index}/{round}"), &format!("{round}"), Duration::from_secs(120));
+            wait_all_have(
+                &daemons,
+                &format!("k/{index}/{round}"),
+                &format!("{round}"),
+                Duration::from_secs(120),
+            );
         }
     }
-    let digests: Vec<_> = daemons.iter().map(|daemon| daemon.status()["digest"].clone()).collect();
-    assert!(digests.windows(2).all(|pair| pair[0] == pair[1]), "{digests:?}");
+    let digests: Vec<_> = daemons
+        .iter()
+        .map(|daemon| daemon.status()["digest"].clone())
+        .collect();
+    assert!(
+        digests.windows(2).all(|pair| pair[0] == pair[1]),
+        "{digests:?}"
+    );
 }
 
 #[test]
 fn a_daemon_started_before_its_interface_joins_when_it_appears() {
-    let Some(lan) = Lan::new("a_daemon_started_before_its_interface_joins_when_it_appears", 3) else {
+    let Some(lan) = Lan::new(
+        "a_daemon_started_before_its_interface_joins_when_it_appears",
+        3,
+    ) else {
         return;
     };
     lan.connect(0, true);
@@ -118,10 +153,19 @@ fn a_daemon_started_before_its_interface_joins_when_it_appears() {
     let port = unique_port().to_string();
     let args = ["--interface", "eth0", "--port", &port];
     let early: Vec<Daemon> = (0..2)
-        .map(|index| Daemon::start(dir.path(), &format!("gw{index}"), Some(&lan.nodes[index]), &args))
+        .map(|index| {
+            Daemon::start(
+                dir.path(),
+                &format!("gw{index}"),
+                Some(&lan.nodes[index]),
+                &args,
+            )
+        })
         .collect();
     let late = Daemon::start(dir.path(), "gw2", Some(&lan.nodes[2]), &args);
-    wait_until("gw2 says eth0 is missing", SYNC_TIMEOUT, || late.log_text().contains("does not exist"));
+    wait_until("gw2 says eth0 is missing", SYNC_TIMEOUT, || {
+        late.log_text().contains("does not exist")
+    });
     early[0].set("written/before", r#"{"a":1}"#);
     lan.connect(2, true);
     wait_until("gw2 gets the earlier write", SYNC_TIMEOUT, || {
@@ -129,12 +173,18 @@ fn a_daemon_started_before_its_interface_joins_when_it_appears() {
     });
     late.set("written/late", "true");
     wait_all_have(&early, "written/late", "true", SYNC_TIMEOUT);
-    assert_eq!(late.log_text().matches("does not exist").count(), 1, "logged once");
+    assert_eq!(
+        late.log_text().matches("does not exist").count(),
+        1,
+        "logged once"
+    );
 }
 
 #[test]
 fn ipv6_link_local_only_lan_syncs() {
-    let Some(lan) = Lan::new("ipv6_link_local_only_lan_syncs", 3) else { return };
+    let Some(lan) = Lan::new("ipv6_link_local_only_lan_syncs", 3) else {
+        return;
+    };
     for index in 0..lan.nodes.len() {
         lan.connect(index, false);
     }
@@ -152,7 +202,12 @@ fn ipv6_link_local_only_lan_syncs() {
 
 #[test]
 fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
-    let Some(lan) = Lan::new("a_truncated_state_file_is_set_aside_and_the_data_resyncs", 2) else { return };
+    let Some(lan) = Lan::new(
+        "a_truncated_state_file_is_set_aside_and_the_data_resyncs",
+        2,
+    ) else {
+        return;
+    };
     lan.connect_all();
     let dir = TempDir::new("ns-corrupt");
     let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
@@ -167,13 +222,26 @@ fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
     std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
     daemons[1].restart();
     let log = daemons[1].log_text();
-    assert!(log.contains("is corrupt") && log.contains("moved it to"), "{log}");
+    assert!(
+        log.contains("is corrupt") && log.contains("moved it to"),
+        "{log}"
+    );
     let set_aside = std::fs::read_dir(&daemons[1].state_dir)
         .unwrap()
         .filter_map(Result::ok)
-        .any(|entry| entry.file_name().to_string_lossy().starts_with("state.json.corrupt-"));
+        .any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        });
     assert!(set_aside, "the corrupt file is kept for inspection");
     for index in 0..20 {
-        wait_all_have(&daemons, &format!("data/{index}"), &format!("{{\"i\":{index}}}"), SYNC_TIMEOUT);
+        wait_all_have(
+            &daemons,
+            &format!("data/{index}"),
+            &format!("{{\"i\":{index}}}"),
+            SYNC_TIMEOUT,
+        );
     }
 }

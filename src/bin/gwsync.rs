@@ -212,7 +212,10 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         match flag.as_str() {
-            "--interface" | "-i" => options.config.interfaces.push(value_of(&flag, args.next())?),
+            "--interface" | "-i" => options
+                .config
+                .interfaces
+                .push(value_of(&flag, args.next())?),
             "--group" => {
                 let text = value_of(&flag, args.next())?;
                 let group: IpAddr = text
@@ -236,9 +239,9 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
             "--key-file" => options.key_file = Some(PathBuf::from(value_of(&flag, args.next())?)),
             "--node-id" => {
                 let text = value_of(&flag, args.next())?;
-                let id = text
-                    .parse::<NodeId>()
-                    .map_err(|_| usage(format!("--node-id: expected up to 16 hex digits: {text}")))?;
+                let id = text.parse::<NodeId>().map_err(|_| {
+                    usage(format!("--node-id: expected up to 16 hex digits: {text}"))
+                })?;
                 options.config.node_id = Some(id);
             }
             "--log-level" => {
@@ -260,7 +263,12 @@ fn read_key_file(path: &PathBuf) -> Result<[u8; 32], Failure> {
         .map_err(|failure| error(format!("key file {}: {failure}", path.display())))?;
     persist::decode_hex(text.trim())
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| error(format!("key file {}: expected 64 hex digits (see gwsync genkey)", path.display())))
+        .ok_or_else(|| {
+            error(format!(
+                "key file {}: expected 64 hex digits (see gwsync genkey)",
+                path.display()
+            ))
+        })
 }
 
 fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure> {
@@ -277,7 +285,12 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
     // Signals arrive on a signalfd polled with everything else, so a
     // SIGTERM can never interrupt a half-written state file.
     let mut signals = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGHUP] {
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGHUP,
+    ] {
         signals.add(signal);
     }
     signals
@@ -285,7 +298,8 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         .map_err(|errno| error(format!("blocking signals: {errno}")))?;
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|errno| error(format!("signalfd: {errno}")))?;
-    let mut control = ControlServer::bind(&options.socket).map_err(|failure| error(failure.to_string()))?;
+    let mut control =
+        ControlServer::bind(&options.socket).map_err(|failure| error(failure.to_string()))?;
     let mut driver = Driver::open(options.config).map_err(|failure| error(failure.to_string()))?;
     log::info!("gwsync {VERSION} serving {}", control.path().display());
     let mut stopping = false;
@@ -305,7 +319,10 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
                 }
                 fds.push(PollFd::new(fd, flags));
             }
-            poll(&mut fds, PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX))
+            poll(
+                &mut fds,
+                PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX),
+            )
         };
         match ready {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -357,7 +374,10 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
         return Err(usage(format!("{command}: unexpected argument: {extra}")));
     }
     let request = match command {
-        "get" | "del" => format!("{{\"op\":\"{command}\",\"key\":{}}}", json_string(&arg(0, "KEY")?)),
+        "get" | "del" => format!(
+            "{{\"op\":\"{command}\",\"key\":{}}}",
+            json_string(&arg(0, "KEY")?)
+        ),
         "set" => {
             let key = arg(0, "KEY")?;
             let mut text = arg(1, "JSON")?;
@@ -371,9 +391,14 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
             // the request stays one line.
             let value = driver::compact_json(&text).map_err(|message| Failure {
                 code: EXIT_USAGE,
-                message: format!("value is not valid JSON ({message}); strings need quotes, e.g. '\"on\"'"),
+                message: format!(
+                    "value is not valid JSON ({message}); strings need quotes, e.g. '\"on\"'"
+                ),
             })?;
-            format!("{{\"op\":\"set\",\"key\":{},\"value\":{value}}}", json_string(&key))
+            format!(
+                "{{\"op\":\"set\",\"key\":{},\"value\":{value}}}",
+                json_string(&key)
+            )
         }
         "list" => format!(
             "{{\"op\":\"list\",\"prefix\":{}}}",
@@ -407,7 +432,8 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
         return Err(error("the daemon closed the connection without answering"));
     }
     let reply: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
-        serde_json::from_str(&line).map_err(|_| error(format!("unexpected reply: {}", line.trim_end())))?;
+        serde_json::from_str(&line)
+            .map_err(|_| error(format!("unexpected reply: {}", line.trim_end())))?;
     let field = |name: &str| reply.get(name).map(|raw| raw.get());
     if field("ok") != Some("true") {
         let code = field("error")
@@ -439,7 +465,11 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
             let status: serde_json::Value = field("status")
                 .and_then(|raw| serde_json::from_str(raw).ok())
                 .unwrap_or_default();
-            writeln!(out, "{}", serde_json::to_string_pretty(&status).unwrap_or_default())
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&status).unwrap_or_default()
+            )
         }
         "watch" => {
             drop(out);
@@ -461,7 +491,11 @@ fn watch(mut reader: BufReader<&UnixStream>) -> Result<(), Failure> {
             Ok(0) => return Err(error("the daemon closed the connection")),
             Ok(_) => {
                 let mut out = stdout.lock();
-                if out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_err() {
+                if out
+                    .write_all(line.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -526,14 +560,14 @@ fn demo() -> Result<(), Failure> {
     };
     println!("gwsync demo: three gateways on the loopback interface acting out the method.\n");
     println!("1. Apart, each gateway writes its own version of {key}:");
-    for index in 0..3 {
-        let mut driver =
-            Driver::open(config_for(index, free_port())).map_err(|failure| error(failure.to_string()))?;
-        let value = format!("{{\"version\":{},\"written_by\":\"{}\"}}", index + 1, names[index]);
+    for (index, name) in names.iter().enumerate() {
+        let mut driver = Driver::open(config_for(index, free_port()))
+            .map_err(|failure| error(failure.to_string()))?;
+        let value = format!("{{\"version\":{},\"written_by\":\"{}\"}}", index + 1, name);
         driver
             .set(key, &value)
             .map_err(|failure| error(failure.to_string()))?;
-        println!("   {}: {key} = {value}", names[index]);
+        println!("   {name}: {key} = {value}");
         drop(driver);
         // Versions carry wall-clock milliseconds: keep them apart.
         std::thread::sleep(Duration::from_millis(5));
@@ -599,12 +633,16 @@ fn demo() -> Result<(), Failure> {
                                 format!(
                                     "{} = {}",
                                     entry.key,
-                                    String::from_utf8_lossy(entry.value.as_deref().unwrap_or(b"(deleted)"))
+                                    String::from_utf8_lossy(
+                                        entry.value.as_deref().unwrap_or(b"(deleted)")
+                                    )
                                 )
                             })
                             .collect();
                         match entries.repair {
-                            Some(_) => format!("I have newer data, here it is: {}", listed.join(", ")),
+                            Some(_) => {
+                                format!("I have newer data, here it is: {}", listed.join(", "))
+                            }
                             None => format!("new write: {}", listed.join(", ")),
                         }
                     }
@@ -617,9 +655,11 @@ fn demo() -> Result<(), Failure> {
                 );
             }
         }
-        let all_v3 = drivers
-            .iter()
-            .all(|(_, driver)| driver.get(key).is_some_and(|value| value.contains("\"version\":3")));
+        let all_v3 = drivers.iter().all(|(_, driver)| {
+            driver
+                .get(key)
+                .is_some_and(|value| value.contains("\"version\":3"))
+        });
         if all_v3 && converged_at.is_none() {
             converged_at = Some(start.elapsed());
         }

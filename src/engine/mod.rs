@@ -313,14 +313,19 @@ impl Engine {
     /// Restores persisted state: entries and the clock's high-water mark.
     /// Call before the first input. Entries over a limit are skipped and
     /// counted, never half-loaded.
-    pub fn restore(&mut self, clock_high_water: Hlc, entries: impl IntoIterator<Item = (String, Entry)>) {
+    pub fn restore(
+        &mut self,
+        clock_high_water: Hlc,
+        entries: impl IntoIterator<Item = (String, Entry)>,
+    ) {
         let now = self.clock.high_water().max(clock_high_water);
         for (key, entry) in entries {
             if let Merged::Rejected(_) = self.store.merge(&key, entry, now) {
                 self.count_drop(DropReason::OverLimit);
             }
         }
-        self.clock.observe(clock_high_water.max(self.store.max_hlc()));
+        self.clock
+            .observe(clock_high_water.max(self.store.max_hlc()));
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -363,7 +368,13 @@ impl Engine {
     }
 
     /// Writes a value (opaque bytes; the APIs above keep it JSON).
-    pub fn set(&mut self, now: u64, wall_ms: u64, key: &str, value: &[u8]) -> Result<(), WriteError> {
+    pub fn set(
+        &mut self,
+        now: u64,
+        wall_ms: u64,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), WriteError> {
         self.write(now, wall_ms, key, Some(value))
     }
 
@@ -375,7 +386,13 @@ impl Engine {
         self.write(now, wall_ms, key, None)
     }
 
-    fn write(&mut self, now: u64, wall_ms: u64, key: &str, value: Option<&[u8]>) -> Result<(), WriteError> {
+    fn write(
+        &mut self,
+        now: u64,
+        wall_ms: u64,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), WriteError> {
         self.store.check(key, value)?;
         let version = Version {
             hlc: self.clock.tick(wall_ms),
@@ -585,7 +602,8 @@ impl Engine {
     }
 
     fn random_delay(&mut self) -> u64 {
-        self.rng.random_range(0..self.config.response_window_ms.max(1))
+        self.rng
+            .random_range(0..self.config.response_window_ms.max(1))
     }
 
     fn merge_entry(&mut self, key: String, version: Version, value: Option<Box<[u8]>>) -> Merged {
@@ -659,7 +677,10 @@ impl Engine {
         let key = fragment.key.clone();
         let version = fragment.version;
         let value_bytes_max = self.config.store.value_bytes_max;
-        match self.reassembly.insert(now, sender, fragment, value_bytes_max) {
+        match self
+            .reassembly
+            .insert(now, sender, fragment, value_bytes_max)
+        {
             Ok(Some(value)) => {
                 self.merge_entry(key, version, Some(value.into()));
             }
@@ -731,7 +752,9 @@ impl Engine {
         self.counters.bytes_sent += bytes.len() as u64;
         match message {
             Message::Summary(_) => self.counters.summaries_sent += 1,
-            Message::Entries(entries) if entries.repair.is_some() => self.counters.repairs_sent += 1,
+            Message::Entries(entries) if entries.repair.is_some() => {
+                self.counters.repairs_sent += 1
+            }
             Message::Entries(_) => self.counters.pushes_sent += 1,
             Message::Fragment(_) => self.counters.fragments_sent += 1,
             Message::BucketDigests(_) => self.counters.bucket_digests_sent += 1,
@@ -754,7 +777,10 @@ impl Engine {
             .into_iter()
             .filter_map(|key| self.store.get(&key).cloned().map(|entry| (key, entry)))
             .collect();
-        self.send_entries(None, entries.iter().map(|(key, entry)| (key.as_str(), entry)));
+        self.send_entries(
+            None,
+            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
+        );
         if self
             .loss_seen_at
             .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms)
@@ -867,7 +893,10 @@ impl Engine {
             .bucket_entries(bucket as usize)
             .map(|(key, entry)| (key.to_owned(), entry.clone()))
             .collect();
-        let sent = self.send_entries(Some(tag), entries.iter().map(|(key, entry)| (key.as_str(), entry)));
+        let sent = self.send_entries(
+            Some(tag),
+            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
+        );
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }

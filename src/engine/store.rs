@@ -260,7 +260,11 @@ impl Store {
 
     fn expired(&self, entry: &Entry, now: Hlc) -> bool {
         entry.is_tombstone()
-            && entry.version.hlc.physical_ms().saturating_add(self.limits.tombstone_ttl_ms)
+            && entry
+                .version
+                .hlc
+                .physical_ms()
+                .saturating_add(self.limits.tombstone_ttl_ms)
                 < now.physical_ms()
     }
 
@@ -410,7 +414,10 @@ mod tests {
         }
         assert_eq!(forward.digest(), backward.digest());
         for bucket in 0..BUCKETS {
-            assert_eq!(forward.bucket_summary(bucket), backward.bucket_summary(bucket));
+            assert_eq!(
+                forward.bucket_summary(bucket),
+                backward.bucket_summary(bucket)
+            );
         }
         backward.merge("home/7", value(10_000, 2, "y"), NOW);
         assert_ne!(forward.digest(), backward.digest());
@@ -426,7 +433,11 @@ mod tests {
     fn digest_golden_values() {
         assert_eq!(bucket_of("home/1/scene"), 0xa1);
         let mut store = Store::new(StoreLimits::default());
-        store.merge("home/1/scene", value(1_700_000_000_000, 0x42, "{\"on\":true}"), NOW);
+        store.merge(
+            "home/1/scene",
+            value(1_700_000_000_000, 0x42, "{\"on\":true}"),
+            NOW,
+        );
         assert_eq!(store.digest(), 0xf963_639e_c120_e56e);
     }
 
@@ -443,9 +454,15 @@ mod tests {
         assert_eq!(store.purge_expired(Hlc::new(500, 0)), 1);
         assert!(store.is_empty());
         assert_eq!(store.digest(), 0);
-        assert_eq!(store.merge("gone", tombstone(20, 1), Hlc::new(500, 0)), Merged::Stale);
+        assert_eq!(
+            store.merge("gone", tombstone(20, 1), Hlc::new(500, 0)),
+            Merged::Stale
+        );
         store.merge("old", value(1, 1, "v"), Hlc::new(500, 0));
-        assert_eq!(store.merge("old", tombstone(2, 1), Hlc::new(500, 0)), Merged::Applied);
+        assert_eq!(
+            store.merge("old", tombstone(2, 1), Hlc::new(500, 0)),
+            Merged::Applied
+        );
         assert!(store.get("old").is_none());
     }
 

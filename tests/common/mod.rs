@@ -50,7 +50,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("gwsync-test-{}-{}-{tag}", std::process::id(), unique()));
+        let dir = std::env::temp_dir().join(format!(
+            "gwsync-test-{}-{}-{tag}",
+            std::process::id(),
+            unique()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -127,7 +131,11 @@ impl Daemon {
     }
 
     fn launch(&mut self) {
-        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut command = match &self.netns {
             Some(ns) => {
                 let mut command = Command::new("ip");
@@ -154,14 +162,21 @@ impl Daemon {
 
     pub fn wait_ready(&mut self) {
         let name = self.name.clone();
-        wait_until(&format!("daemon {name} answers on its control socket"), Duration::from_secs(10), || {
-            if let Some(child) = &mut self.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("daemon {name} exited early ({status}); log:\n{}", self.log_text());
+        wait_until(
+            &format!("daemon {name} answers on its control socket"),
+            Duration::from_secs(10),
+            || {
+                if let Some(child) = &mut self.child {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "daemon {name} exited early ({status}); log:\n{}",
+                            self.log_text()
+                        );
+                    }
                 }
-            }
-            self.cli(&["status"]).code == 0
-        });
+                self.cli(&["status"]).code == 0
+            },
+        );
     }
 
     /// Runs a CLI command against this daemon.
@@ -276,7 +291,20 @@ impl Lan {
         };
         run("ip", &["netns", "add", &lan.hub]);
         // Snooping off, as netifd configures OpenWrt bridges by default.
-        run("ip", &["-n", &lan.hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &lan.hub,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        );
         run("ip", &["-n", &lan.hub, "link", "set", "br0", "up"]);
         for node in &lan.nodes {
             run("ip", &["netns", "add", node]);
@@ -292,9 +320,17 @@ impl Lan {
         let hub_end = format!("vh{index}");
         run(
             "ip",
-            &["-n", &self.hub, "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", node],
+            &[
+                "-n", &self.hub, "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0",
+                "netns", node,
+            ],
         );
-        run("ip", &["-n", &self.hub, "link", "set", &hub_end, "master", "br0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n", &self.hub, "link", "set", &hub_end, "master", "br0", "up",
+            ],
+        );
         if ipv4 {
             let address = format!("169.254.73.{}/24", index + 1);
             run("ip", &["-n", node, "addr", "add", &address, "dev", "eth0"]);
@@ -309,19 +345,42 @@ impl Lan {
     }
 
     pub fn link(&self, index: usize, up: bool) {
-        run("ip", &["-n", &self.nodes[index], "link", "set", "eth0", if up { "up" } else { "down" }]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.nodes[index],
+                "link",
+                "set",
+                "eth0",
+                if up { "up" } else { "down" },
+            ],
+        );
     }
 
     /// Drops `percent` % of incoming sync datagrams in node `index`.
     pub fn inject_loss(&self, index: usize, percent: u32, port: u16) {
         let node = &self.nodes[index];
         let rule = format!("udp dport {port} numgen random mod 100 < {percent} drop");
-        run("ip", &["netns", "exec", node, "nft", "add", "table", "inet", "gwloss"]);
         run(
             "ip",
-            &["netns", "exec", node, "nft", "add chain inet gwloss input { type filter hook input priority 0; }"],
+            &[
+                "netns", "exec", node, "nft", "add", "table", "inet", "gwloss",
+            ],
         );
-        let mut args = vec!["netns", "exec", node, "nft", "add", "rule", "inet", "gwloss", "input"];
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                node,
+                "nft",
+                "add chain inet gwloss input { type filter hook input priority 0; }",
+            ],
+        );
+        let mut args = vec![
+            "netns", "exec", node, "nft", "add", "rule", "inet", "gwloss", "input",
+        ];
         args.extend(rule.split(' '));
         run("ip", &args);
     }
@@ -329,14 +388,18 @@ impl Lan {
     /// Waits until no IPv6 address of node `index` is still tentative (DAD).
     pub fn wait_ipv6_ready(&self, index: usize) {
         let node = self.nodes[index].clone();
-        wait_until(&format!("{node} has a usable IPv6 link-local address"), Duration::from_secs(10), || {
-            let output = Command::new("ip")
-                .args(["-n", &node, "-6", "addr", "show", "dev", "eth0"])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&output.stdout);
-            text.contains("fe80::") && !text.contains("tentative")
-        });
+        wait_until(
+            &format!("{node} has a usable IPv6 link-local address"),
+            Duration::from_secs(10),
+            || {
+                let output = Command::new("ip")
+                    .args(["-n", &node, "-6", "addr", "show", "dev", "eth0"])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&output.stdout);
+                text.contains("fe80::") && !text.contains("tentative")
+            },
+        );
     }
 }
 
