@@ -41,9 +41,9 @@
 //! Decoding never panics and never allocates more than the datagram holds:
 //! every length is checked against the bytes that remain before it is used.
 
+use crate::engine::NodeId;
 use crate::engine::clock::{Hlc, Version};
 use crate::engine::store::BucketSummary;
-use crate::engine::NodeId;
 
 pub const MAGIC: u16 = 0x4757;
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -361,7 +361,9 @@ impl Message {
                 for (bucket, summary) in &digests.buckets {
                     out.extend_from_slice(&bucket.to_be_bytes());
                     out.extend_from_slice(&summary.digest.to_be_bytes());
-                    out.extend_from_slice(&(summary.count.min(u16::MAX as u32) as u16).to_be_bytes());
+                    out.extend_from_slice(
+                        &(summary.count.min(u16::MAX as u32) as u16).to_be_bytes(),
+                    );
                     out.extend_from_slice(&summary.max_hlc.0.to_be_bytes());
                 }
             }
@@ -521,7 +523,10 @@ mod tests {
                 0, 0, 0, 0, 0, 1, 0, 2, // clock
             ]
         );
-        assert_eq!(decode(&bytes).unwrap(), (header(MessageType::Summary), message));
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            (header(MessageType::Summary), message)
+        );
     }
 
     #[test]
@@ -534,7 +539,10 @@ mod tests {
         emit_entry("ab", version, Some(b"1"), &mut out);
         assert_eq!(
             out,
-            [0, 2, b'a', b'b', 0, 0, 0, 0, 0x01, 0x02, 0, 3, 0, 0, 0, 0, 0, 0, 0, 9, 1, 0, 0, 0, 1, b'1']
+            [
+                0, 2, b'a', b'b', 0, 0, 0, 0, 0x01, 0x02, 0, 3, 0, 0, 0, 0, 0, 0, 0, 9, 1, 0, 0, 0,
+                1, b'1'
+            ]
         );
         assert_eq!(out.len(), WireEntry::encoded_len("ab", Some(b"1")));
     }
@@ -547,7 +555,10 @@ mod tests {
         };
         let messages = [
             Message::Entries(Entries {
-                repair: Some(RepairTag { bucket: 7, digest: 99 }),
+                repair: Some(RepairTag {
+                    bucket: 7,
+                    digest: 99,
+                }),
                 entries: vec![
                     WireEntry {
                         key: "scene/1".into(),
@@ -611,7 +622,10 @@ mod tests {
         });
         let bytes = encode(&header(MessageType::Entries), &message);
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
         }
     }
 

@@ -189,9 +189,18 @@ mod tests {
     fn fragments_in_any_order_and_with_duplicates_reassemble() {
         let mut reassembly = Reassembly::new(ReassemblyLimits::default());
         let sender = NodeId(1);
-        assert_eq!(reassembly.insert(0, sender, fragment(4, b"efgh", 10), 100), Ok(None));
-        assert_eq!(reassembly.insert(0, sender, fragment(4, b"efgh", 10), 100), Ok(None));
-        assert_eq!(reassembly.insert(0, sender, fragment(8, b"ij", 10), 100), Ok(None));
+        assert_eq!(
+            reassembly.insert(0, sender, fragment(4, b"efgh", 10), 100),
+            Ok(None)
+        );
+        assert_eq!(
+            reassembly.insert(0, sender, fragment(4, b"efgh", 10), 100),
+            Ok(None)
+        );
+        assert_eq!(
+            reassembly.insert(0, sender, fragment(8, b"ij", 10), 100),
+            Ok(None)
+        );
         assert_eq!(
             reassembly.insert(0, sender, fragment(0, b"abcd", 10), 100),
             Ok(Some(b"abcdefghij".to_vec()))
@@ -215,14 +224,19 @@ mod tests {
             reassembly.insert(0, NodeId(1), fragment(0, b"x", 1_000_000), 1_000),
             Err(FragmentRejected::ValueTooLarge)
         );
-        assert_eq!(reassembly.insert(0, NodeId(1), fragment(0, b"x", 60), 1_000), Ok(None));
+        assert_eq!(
+            reassembly.insert(0, NodeId(1), fragment(0, b"x", 60), 1_000),
+            Ok(None)
+        );
         assert_eq!(reassembly.bytes(), 60);
     }
 
     #[test]
     fn incomplete_buffers_expire() {
         let mut reassembly = Reassembly::new(ReassemblyLimits::default());
-        reassembly.insert(0, NodeId(1), fragment(0, b"ab", 4), 100).unwrap();
+        reassembly
+            .insert(0, NodeId(1), fragment(0, b"ab", 4), 100)
+            .unwrap();
         assert_eq!(reassembly.next_deadline(), Some(10_000));
         assert_eq!(reassembly.expire(9_999), 0);
         assert_eq!(reassembly.expire(10_000), 1);

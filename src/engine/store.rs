@@ -109,6 +109,9 @@ pub struct BucketSummary {
 struct Bucket {
     entries: BTreeMap<Box<str>, Entry>,
     digest: u64,
+    /// Cached because repair compares it for every bucket of every digest
+    /// message; it only grows on insert and is recomputed on removal.
+    max_hlc: Hlc,
 }
 
 impl Bucket {
@@ -116,13 +119,17 @@ impl Bucket {
         BucketSummary {
             digest: self.digest,
             count: self.entries.len() as u32,
-            max_hlc: self
-                .entries
-                .values()
-                .map(|entry| entry.version.hlc)
-                .max()
-                .unwrap_or(Hlc::ZERO),
+            max_hlc: self.max_hlc,
         }
+    }
+
+    fn recompute_max_hlc(&mut self) {
+        self.max_hlc = self
+            .entries
+            .values()
+            .map(|entry| entry.version.hlc)
+            .max()
+            .unwrap_or(Hlc::ZERO);
     }
 }
 
@@ -241,8 +248,9 @@ impl Store {
 
     /// The newest timestamp held; a restarted clock resumes after it.
     pub fn max_hlc(&self) -> Hlc {
-        self.iter()
-            .map(|(_, entry)| entry.version.hlc)
+        self.buckets
+            .iter()
+            .map(|bucket| bucket.max_hlc)
             .max()
             .unwrap_or(Hlc::ZERO)
     }
@@ -260,7 +268,11 @@ impl Store {
 
     fn expired(&self, entry: &Entry, now: Hlc) -> bool {
         entry.is_tombstone()
-            && entry.version.hlc.physical_ms().saturating_add(self.limits.tombstone_ttl_ms)
+            && entry
+                .version
+                .hlc
+                .physical_ms()
+                .saturating_add(self.limits.tombstone_ttl_ms)
                 < now.physical_ms()
     }
 
@@ -294,6 +306,7 @@ impl Store {
         }
         let hash = entry_hash(key, &entry);
         let bucket = &mut self.buckets[bucket_index];
+        bucket.max_hlc = bucket.max_hlc.max(entry.version.hlc);
         let old_hash = bucket
             .entries
             .insert(key.into(), entry)
@@ -309,6 +322,7 @@ impl Store {
         let bucket = &mut self.buckets[bucket_index];
         if let Some(old) = bucket.entries.remove(key) {
             let hash = entry_hash(key, &old);
+            bucket.recompute_max_hlc();
             bucket.digest ^= hash;
             self.digest ^= hash;
             self.entries -= 1;
@@ -410,7 +424,10 @@ mod tests {
         }
         assert_eq!(forward.digest(), backward.digest());
         for bucket in 0..BUCKETS {
-            assert_eq!(forward.bucket_summary(bucket), backward.bucket_summary(bucket));
+            assert_eq!(
+                forward.bucket_summary(bucket),
+                backward.bucket_summary(bucket)
+            );
         }
         backward.merge("home/7", value(10_000, 2, "y"), NOW);
         assert_ne!(forward.digest(), backward.digest());
@@ -426,7 +443,11 @@ mod tests {
     fn digest_golden_values() {
         assert_eq!(bucket_of("home/1/scene"), 0xa1);
         let mut store = Store::new(StoreLimits::default());
-        store.merge("home/1/scene", value(1_700_000_000_000, 0x42, "{\"on\":true}"), NOW);
+        store.merge(
+            "home/1/scene",
+            value(1_700_000_000_000, 0x42, "{\"on\":true}"),
+            NOW,
+        );
         assert_eq!(store.digest(), 0xf963_639e_c120_e56e);
     }
 
@@ -443,9 +464,15 @@ mod tests {
         assert_eq!(store.purge_expired(Hlc::new(500, 0)), 1);
         assert!(store.is_empty());
         assert_eq!(store.digest(), 0);
-        assert_eq!(store.merge("gone", tombstone(20, 1), Hlc::new(500, 0)), Merged::Stale);
+        assert_eq!(
+            store.merge("gone", tombstone(20, 1), Hlc::new(500, 0)),
+            Merged::Stale
+        );
         store.merge("old", value(1, 1, "v"), Hlc::new(500, 0));
-        assert_eq!(store.merge("old", tombstone(2, 1), Hlc::new(500, 0)), Merged::Applied);
+        assert_eq!(
+            store.merge("old", tombstone(2, 1), Hlc::new(500, 0)),
+            Merged::Applied
+        );
         assert!(store.get("old").is_none());
     }
 

@@ -171,6 +171,10 @@ mod tests {
         let deadline = trickle.next_deadline();
         assert!((5_050..5_100).contains(&deadline));
         trickle.reset(5_010, &mut rng);
-        assert_eq!(trickle.next_deadline(), deadline, "reset at Imin must not postpone");
+        assert_eq!(
+            trickle.next_deadline(),
+            deadline,
+            "reset at Imin must not postpone"
+        );
     }
 }
