@@ -228,7 +228,69 @@ pub struct Counters {
 pub struct Peer {
     pub last_heard: u64,
     pub boot: u32,
-    pub last_seq: u32,
+    pub window: SeqWindow,
+}
+
+impl Peer {
+    fn new(now: u64, header: &Header) -> Peer {
+        Peer {
+            last_heard: now,
+            boot: header.boot,
+            window: SeqWindow::starting_at(header.seq),
+        }
+    }
+}
+
+/// How a sequence number relates to those already seen from one sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// The next one expected.
+    InOrder,
+    /// Newer, with a gap before it: something was lost (or is late).
+    AfterGap,
+    /// Older than the newest, not seen before, inside the window.
+    Late,
+    /// Seen before, or too old to tell.
+    Replay,
+}
+
+/// A sliding window over one sender's sequence numbers (the anti-replay
+/// window of RFC 4303 section 3.4.3): accepts each number once, tolerates
+/// reordering within 64 datagrams, and notices gaps (loss).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqWindow {
+    newest: u32,
+    /// Bit `i` set: `newest - i` was seen.
+    seen: u64,
+}
+
+impl SeqWindow {
+    pub fn starting_at(seq: u32) -> SeqWindow {
+        SeqWindow {
+            newest: seq,
+            seen: 1,
+        }
+    }
+
+    pub fn accept(&mut self, seq: u32) -> Accepted {
+        if seq > self.newest {
+            let shift = seq - self.newest;
+            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.newest = seq;
+            return if shift == 1 {
+                Accepted::InOrder
+            } else {
+                Accepted::AfterGap
+            };
+        }
+        let age = self.newest - seq;
+        if age >= 64 || self.seen & (1 << age) != 0 {
+            return Accepted::Replay;
+        }
+        self.seen |= 1 << age;
+        Accepted::Late
+    }
 }
 
 /// The sync engine of one gateway.
@@ -360,6 +422,17 @@ impl Engine {
     /// node id). Compare with the generation last written.
     pub fn state_generation(&self) -> u64 {
         self.state_generation
+    }
+
+    /// True when nothing is pending but the periodic Trickle summary: no
+    /// push, answer or repair waiting to go out.
+    pub fn is_idle(&self) -> bool {
+        self.push_due.is_none() && self.bucket_digests_due.is_none() && self.repair_queue.is_empty()
+    }
+
+    /// The current Trickle interval; at `Imax` the gateway is in steady state.
+    pub fn trickle_interval_ms(&self) -> u64 {
+        self.trickle.interval_ms()
     }
 
     /// The current value of a key; `None` when absent or deleted.
@@ -536,22 +609,14 @@ impl Engine {
         match self.peers.get_mut(&header.sender) {
             Some(peer) if peer.boot == header.boot => {
                 peer.last_heard = now;
-                if header.seq <= peer.last_seq {
-                    // Reordered datagrams are rare on a LAN; treating them as
-                    // replays costs at most one repair round.
-                    return false;
+                match peer.window.accept(header.seq) {
+                    Accepted::Replay => return false,
+                    Accepted::AfterGap => self.loss_seen_at = Some(now),
+                    Accepted::InOrder | Accepted::Late => {}
                 }
-                if header.seq > peer.last_seq + 1 {
-                    self.loss_seen_at = Some(now);
-                }
-                peer.last_seq = header.seq;
             }
             Some(peer) => {
-                *peer = Peer {
-                    last_heard: now,
-                    boot: header.boot,
-                    last_seq: header.seq,
-                };
+                *peer = Peer::new(now, header);
             }
             None => {
                 if self.peers.len() >= self.config.peers_max {
@@ -565,14 +630,7 @@ impl Engine {
                     self.count_drop(DropReason::PeerEvicted);
                 }
                 if self.config.peers_max > 0 {
-                    self.peers.insert(
-                        header.sender,
-                        Peer {
-                            last_heard: now,
-                            boot: header.boot,
-                            last_seq: header.seq,
-                        },
-                    );
+                    self.peers.insert(header.sender, Peer::new(now, header));
                 }
                 self.events.push_back(Event::PeerDiscovered(header.sender));
             }
@@ -900,5 +958,81 @@ impl Engine {
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_window_accepts_each_number_once_and_notices_gaps() {
+        let mut window = SeqWindow::starting_at(10);
+        assert_eq!(window.accept(11), Accepted::InOrder);
+        assert_eq!(window.accept(14), Accepted::AfterGap);
+        assert_eq!(window.accept(12), Accepted::Late);
+        assert_eq!(window.accept(12), Accepted::Replay);
+        assert_eq!(window.accept(10), Accepted::Replay);
+        assert_eq!(window.accept(200), Accepted::AfterGap);
+        assert_eq!(
+            window.accept(136),
+            Accepted::Replay,
+            "older than the window"
+        );
+        assert_eq!(window.accept(137), Accepted::Late);
+    }
+
+    #[test]
+    fn own_datagrams_are_dropped_and_a_clashing_id_is_replaced() {
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(1), 2, 0);
+        a.set(0, 1_000, "k", b"1").unwrap();
+        a.handle_timeout(a.poll_timeout());
+        let datagram = a.poll_transmit().expect("push");
+        a.handle_datagram(5, &datagram);
+        assert_eq!(a.counters().dropped.get(&DropReason::Own), Some(&1));
+        b.handle_datagram(5, &datagram);
+        let clash =
+            std::iter::from_fn(|| b.poll_event()).find(|e| matches!(e, Event::NodeIdClash { .. }));
+        assert!(matches!(
+            clash,
+            Some(Event::NodeIdClash { old: NodeId(1), .. })
+        ));
+        assert_ne!(b.node_id(), NodeId(1));
+    }
+
+    #[test]
+    fn a_burst_of_writes_leaves_in_few_full_datagrams() {
+        let mut engine = Engine::new(Config::default(), NodeId(1), 1, 0);
+        for i in 0..100 {
+            engine
+                .set(0, 1_000, &format!("scene/{i}"), b"{\"on\":true}")
+                .unwrap();
+        }
+        engine.handle_timeout(engine.config().push_delay_ms);
+        let datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| engine.poll_transmit()).collect();
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        assert!(datagrams.iter().all(|d| d.len() <= 1400));
+        assert_eq!(
+            datagrams.len(),
+            bytes.div_ceil(1400),
+            "{} datagrams for {bytes} bytes",
+            datagrams.len()
+        );
+    }
+
+    #[test]
+    fn a_large_value_goes_out_as_fragments_and_reassembles() {
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
+        let value: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        a.set(0, 1_000, "big", &value).unwrap();
+        a.handle_timeout(a.poll_timeout());
+        let datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert!(datagrams.len() >= 15);
+        for datagram in datagrams.iter().rev() {
+            b.handle_datagram(1, datagram);
+        }
+        assert_eq!(b.get("big"), Some(&value[..]));
     }
 }

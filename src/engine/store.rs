@@ -109,6 +109,9 @@ pub struct BucketSummary {
 struct Bucket {
     entries: BTreeMap<Box<str>, Entry>,
     digest: u64,
+    /// Cached because repair compares it for every bucket of every digest
+    /// message; it only grows on insert and is recomputed on removal.
+    max_hlc: Hlc,
 }
 
 impl Bucket {
@@ -116,13 +119,17 @@ impl Bucket {
         BucketSummary {
             digest: self.digest,
             count: self.entries.len() as u32,
-            max_hlc: self
-                .entries
-                .values()
-                .map(|entry| entry.version.hlc)
-                .max()
-                .unwrap_or(Hlc::ZERO),
+            max_hlc: self.max_hlc,
         }
+    }
+
+    fn recompute_max_hlc(&mut self) {
+        self.max_hlc = self
+            .entries
+            .values()
+            .map(|entry| entry.version.hlc)
+            .max()
+            .unwrap_or(Hlc::ZERO);
     }
 }
 
@@ -241,8 +248,9 @@ impl Store {
 
     /// The newest timestamp held; a restarted clock resumes after it.
     pub fn max_hlc(&self) -> Hlc {
-        self.iter()
-            .map(|(_, entry)| entry.version.hlc)
+        self.buckets
+            .iter()
+            .map(|bucket| bucket.max_hlc)
             .max()
             .unwrap_or(Hlc::ZERO)
     }
@@ -298,6 +306,7 @@ impl Store {
         }
         let hash = entry_hash(key, &entry);
         let bucket = &mut self.buckets[bucket_index];
+        bucket.max_hlc = bucket.max_hlc.max(entry.version.hlc);
         let old_hash = bucket
             .entries
             .insert(key.into(), entry)
@@ -313,6 +322,7 @@ impl Store {
         let bucket = &mut self.buckets[bucket_index];
         if let Some(old) = bucket.entries.remove(key) {
             let hash = entry_hash(key, &old);
+            bucket.recompute_max_hlc();
             bucket.digest ^= hash;
             self.digest ^= hash;
             self.entries -= 1;
