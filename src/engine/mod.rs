@@ -88,10 +88,15 @@ pub struct Config {
     /// Gap between repair datagrams from one gateway, so a large repair does
     /// not flood a Wi-Fi multicast link.
     pub repair_datagram_interval_ms: u64,
-    /// A write pushed within this long after a lost datagram was noticed
-    /// also resets the Trickle timer, so peers that lost the push hear a
-    /// summary soon. On a clean LAN the push alone is the whole update.
+    /// A write pushed within this long after a lost datagram (or a
+    /// difference that needed repair) was noticed is followed by a few tail
+    /// summaries, so a peer that lost the push notices soon. On a clean LAN
+    /// the push alone is the whole update.
     pub loss_memory_ms: u64,
+    /// How many tail summaries follow a push on a lossy LAN; they go out
+    /// after about `Imin`, `2 Imin`, `4 Imin`..., each skipped when a
+    /// summary equal to ours was heard since the previous one.
+    pub tail_summaries: u32,
     pub peers_max: usize,
     /// How often expired tombstones are purged.
     pub purge_interval_ms: u64,
@@ -110,10 +115,11 @@ impl Default for Config {
             seal_overhead_bytes: 0,
             store: StoreLimits::default(),
             reassembly: ReassemblyLimits::default(),
-            quiet_period_ms: 200_000,
+            quiet_period_ms: 320_000,
             response_window_ms: 40,
             repair_datagram_interval_ms: 2,
-            loss_memory_ms: 600_000,
+            loss_memory_ms: 3_600_000,
+            tail_summaries: 3,
             peers_max: 256,
             purge_interval_ms: 60_000,
         }
@@ -293,6 +299,15 @@ impl SeqWindow {
     }
 }
 
+/// Summaries scheduled after a push on a lossy LAN.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    due: u64,
+    gap_ms: u64,
+    remaining: u32,
+    consistent_heard: bool,
+}
+
 /// The sync engine of one gateway.
 ///
 /// # Using it
@@ -333,6 +348,7 @@ pub struct Engine {
     repair_queue: BTreeSet<u16>,
     repair_due: Option<u64>,
     loss_seen_at: Option<u64>,
+    tail: Option<Tail>,
     purge_due: u64,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
@@ -362,6 +378,7 @@ impl Engine {
             repair_queue: BTreeSet::new(),
             repair_due: None,
             loss_seen_at: None,
+            tail: None,
             purge_due: now + config.purge_interval_ms,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -511,6 +528,7 @@ impl Engine {
         [
             Some(self.trickle.next_deadline()),
             self.push_due,
+            self.tail.map(|tail| tail.due),
             self.bucket_digests_due.map(|(due, _)| due),
             self.repair_due,
             self.reassembly.next_deadline(),
@@ -532,6 +550,16 @@ impl Engine {
         if self.trickle.on_timeout(now, &mut self.rng) {
             self.send_summary();
         }
+        if let Some(mut tail) = self.tail.filter(|tail| tail.due <= now) {
+            if !tail.consistent_heard {
+                self.send_summary();
+            }
+            tail.remaining -= 1;
+            tail.consistent_heard = false;
+            tail.gap_ms *= 2;
+            tail.due = now + tail.gap_ms;
+            self.tail = (tail.remaining > 0).then_some(tail);
+        }
         if let Some((due, against)) = self.bucket_digests_due {
             if due <= now {
                 self.bucket_digests_due = None;
@@ -546,10 +574,13 @@ impl Engine {
         }
         self.reassembly.expire(now);
         if now >= self.last_heard_other + self.config.quiet_period_ms {
+            // Method step 5. A single summary, not a Trickle reset: the one
+            // gateway whose summaries always suppress everyone else's hears
+            // nothing either, and a reset would cost the group a burst.
             self.last_heard_other = now;
             self.counters.socket_rebuilds += 1;
             self.events.push_back(Event::RebuildSocket);
-            self.trickle.reset(now, &mut self.rng);
+            self.send_summary();
         }
         if now >= self.purge_due {
             self.purge_due = now + self.config.purge_interval_ms;
@@ -642,8 +673,12 @@ impl Engine {
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
             self.trickle.hear_consistent();
+            if let Some(tail) = self.tail.as_mut() {
+                tail.consistent_heard = true;
+            }
             return;
         }
+        self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
         // digests; whichever side holds newer buckets then sends them.
         self.trickle.reset(now, &mut self.rng);
@@ -839,11 +874,17 @@ impl Engine {
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
-        if self
+        let lossy = self
             .loss_seen_at
-            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms)
-        {
-            self.trickle.reset(now, &mut self.rng);
+            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms);
+        if lossy && self.config.tail_summaries > 0 {
+            let imin = self.config.trickle.imin_ms.max(1);
+            self.tail = Some(Tail {
+                due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
+                gap_ms: imin,
+                remaining: self.config.tail_summaries,
+                consistent_heard: false,
+            });
         }
     }
 
