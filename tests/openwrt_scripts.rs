@@ -472,6 +472,7 @@ fn init_key_file_is_passed_and_watched() {
          \toption key_file '/etc/gwsync.key'\n",
     );
     root.networks(&[("lan", "br-lan")]);
+    root.write("/etc/gwsync.key", KEY);
     root.init("start");
     assert_eq!(
         root.take_service(),
@@ -552,6 +553,7 @@ fn init_key_file_wins_over_inline_key() {
     let Some(root) = Root::new("both") else {
         return;
     };
+    root.write("/etc/gwsync.key", KEY);
     root.config(&format!(
         "config gwsync 'main'\n\toption key '{KEY}'\n\toption key_file '/etc/gwsync.key'\n"
     ));
@@ -568,6 +570,32 @@ fn init_key_file_wins_over_inline_key() {
         root.logs()
             .iter()
             .any(|l| l.contains("both key and key_file")),
+        "logs: {:?}",
+        root.logs()
+    );
+}
+
+#[test]
+fn init_missing_key_file_starts_nothing_rather_than_syncing_in_clear() {
+    let Some(root) = Root::new("nokeyfile") else {
+        return;
+    };
+    root.config("config gwsync 'main'\n\toption key_file '/etc/gwsync.key'\n");
+    root.networks(&[("lan", "br-lan")]);
+    let out = root
+        .command()
+        .arg("ash")
+        .arg(root.path("/etc/rc.common"))
+        .arg(root.path("/etc/init.d/gwsync"))
+        .arg("start")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rc.common start failed: {out:?}");
+    assert!(root.take_service().instances.is_empty());
+    assert!(
+        root.logs()
+            .iter()
+            .any(|l| l.contains("key_file /etc/gwsync.key is not readable")),
         "logs: {:?}",
         root.logs()
     );
