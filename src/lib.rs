@@ -1,2 +1,14 @@
-//! gwsync: keeps one shared data set identical on every IoT gateway of a LAN.
+//! gwsync keeps one shared data set (homes, rooms, scenes, device lists)
+//! identical on every IoT gateway of a LAN, over UDP multicast, with no
+//! gateway knowing another's address.
+//!
+//! Layers, from the inside out:
+//! - [`engine`]: the sans-IO core. Bytes and time in; datagrams, events and
+//!   the next deadline out. Deterministic: no sockets, clock or global RNG.
+//! - [`wire`]: the datagram format.
+//! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
+//!   over virtual time with loss, duplication, reordering, delay,
+//!   partitions, crashes and skewed clocks.
 pub mod engine;
+pub mod sim;
+pub mod wire;

@@ -1,1 +1,1038 @@
+//! The sans-IO sync engine: the method of DESIGN section 1, with no sockets,
+//! no threads, no clock reads and no global randomness.
+//!
+//! Time comes in as milliseconds on a monotonic clock (`now`) and, for
+//! writes only, the wall clock (`wall_ms`); randomness comes from a seed.
+//! The same inputs therefore always give the same outputs, which is what
+//! lets the simulator in [`crate::sim`] replay any run exactly.
+#![deny(unsafe_code)]
 
+pub mod clock;
+pub mod reassembly;
+pub mod store;
+pub mod trickle;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::wire::{
+    self, BUCKET_DIGEST_LEN, BUCKET_DIGESTS_PREFIX, BucketDigests, DecodeError, ENTRIES_PREFIX_MAX,
+    Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, RepairTag, Summary,
+    WireEntry,
+};
+use clock::{Clock, Hlc, Version};
+use reassembly::{Reassembly, ReassemblyLimits};
+use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits};
+use trickle::{Trickle, TrickleConfig};
+
+/// A gateway's identity. Persisted, so versions written before a restart
+/// still name their origin; random, so no gateway needs configuring.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = std::num::ParseIntError;
+    fn from_str(text: &str) -> Result<NodeId, Self::Err> {
+        u64::from_str_radix(text, 16).map(NodeId)
+    }
+}
+
+/// Why a sync was requested from outside (method step 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerReason {
+    /// The devices this gateway manages powered on.
+    PowerOn,
+    /// The devices reconnected.
+    Reconnect,
+    /// The network (re)initialised.
+    NetworkUp,
+    /// An operator or script asked for it.
+    Manual,
+}
+
+/// Engine settings. Every field has a default; the names carry their units.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub trickle: TrickleConfig,
+    /// How long a write waits for more writes before it is pushed, so a
+    /// burst leaves in as few full datagrams as possible.
+    pub push_delay_ms: u64,
+    /// Largest datagram sent, headers included.
+    pub datagram_bytes_max: usize,
+    /// Bytes the encryption layer adds to each datagram; set by the driver.
+    pub seal_overhead_bytes: usize,
+    pub store: StoreLimits,
+    pub reassembly: ReassemblyLimits,
+    /// Nothing heard from any other gateway for this long: ask the driver to
+    /// rebuild its socket and re-join the group, then sync (method step 5).
+    pub quiet_period_ms: u64,
+    /// Answers (bucket digests, repairs) wait a random time below this, so
+    /// that one gateway answers and the others hear it and stay quiet.
+    pub response_window_ms: u64,
+    /// Gap between repair datagrams from one gateway, so a large repair does
+    /// not flood a Wi-Fi multicast link.
+    pub repair_datagram_interval_ms: u64,
+    /// A write pushed within this long after a lost datagram was noticed
+    /// also resets the Trickle timer, so peers that lost the push hear a
+    /// summary soon. On a clean LAN the push alone is the whole update.
+    pub loss_memory_ms: u64,
+    pub peers_max: usize,
+    /// How often expired tombstones are purged.
+    pub purge_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            trickle: TrickleConfig {
+                imin_ms: 100,
+                imax_ms: 64_000,
+                k: 1,
+            },
+            push_delay_ms: 2,
+            datagram_bytes_max: 1400,
+            seal_overhead_bytes: 0,
+            store: StoreLimits::default(),
+            reassembly: ReassemblyLimits::default(),
+            quiet_period_ms: 200_000,
+            response_window_ms: 40,
+            repair_datagram_interval_ms: 2,
+            loss_memory_ms: 600_000,
+            peers_max: 256,
+            purge_interval_ms: 60_000,
+        }
+    }
+}
+
+/// Something the embedding program should know about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An entry changed, by a local write or from the network. `value` is
+    /// `None` when the key was deleted.
+    Changed {
+        key: String,
+        value: Option<Box<[u8]>>,
+        origin: NodeId,
+    },
+    /// A gateway was heard for the first time since start.
+    PeerDiscovered(NodeId),
+    /// Nothing was heard for the quiet period: close the socket, open a new
+    /// one and re-join the group (method step 5).
+    RebuildSocket,
+    /// Another gateway uses our node id (a cloned image); we took a new one.
+    NodeIdClash { old: NodeId, new: NodeId },
+}
+
+/// Why a local write was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteError {
+    /// The key is empty or longer than `key_bytes_max`.
+    InvalidKey,
+    /// The value is longer than `value_bytes_max`.
+    ValueTooLarge,
+    /// The store is at `entries_max` or `store_bytes_max`.
+    StoreFull,
+    /// Delete of a key that holds no value.
+    NotFound,
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WriteError::InvalidKey => "key is empty or too long",
+            WriteError::ValueTooLarge => "value is too large",
+            WriteError::StoreFull => "store is full",
+            WriteError::NotFound => "key not found",
+        })
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+impl From<Rejected> for WriteError {
+    fn from(rejected: Rejected) -> Self {
+        match rejected {
+            Rejected::KeyTooLong => WriteError::InvalidKey,
+            Rejected::ValueTooLarge => WriteError::ValueTooLarge,
+            Rejected::StoreFull => WriteError::StoreFull,
+        }
+    }
+}
+
+/// Why a received datagram (or part of one) was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    Decode(DecodeError),
+    /// Our own datagram, looped back.
+    Own,
+    /// A repeated (boot, sequence) from one sender.
+    Replay,
+    /// An entry over a store limit.
+    OverLimit,
+    /// A fragment over a reassembly limit.
+    ReassemblyFull,
+    /// A new peer beyond `peers_max` displaced the least recently heard.
+    PeerEvicted,
+}
+
+impl DropReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Decode(error) => error.name(),
+            DropReason::Own => "own",
+            DropReason::Replay => "replay",
+            DropReason::OverLimit => "over_limit",
+            DropReason::ReassemblyFull => "reassembly_full",
+            DropReason::PeerEvicted => "peer_evicted",
+        }
+    }
+}
+
+/// Running totals, for `gwsync status` and the benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    pub datagrams_received: u64,
+    pub bytes_received: u64,
+    pub summaries_sent: u64,
+    pub pushes_sent: u64,
+    pub repairs_sent: u64,
+    pub fragments_sent: u64,
+    pub bucket_digests_sent: u64,
+    pub entries_applied: u64,
+    pub entries_stale: u64,
+    pub socket_rebuilds: u64,
+    pub node_id_clashes: u64,
+    pub dropped: BTreeMap<DropReason, u64>,
+}
+
+/// What we know of another gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub last_heard: u64,
+    pub boot: u32,
+    pub window: SeqWindow,
+}
+
+impl Peer {
+    fn new(now: u64, header: &Header) -> Peer {
+        Peer {
+            last_heard: now,
+            boot: header.boot,
+            window: SeqWindow::starting_at(header.seq),
+        }
+    }
+}
+
+/// How a sequence number relates to those already seen from one sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// The next one expected.
+    InOrder,
+    /// Newer, with a gap before it: something was lost (or is late).
+    AfterGap,
+    /// Older than the newest, not seen before, inside the window.
+    Late,
+    /// Seen before, or too old to tell.
+    Replay,
+}
+
+/// A sliding window over one sender's sequence numbers (the anti-replay
+/// window of RFC 4303 section 3.4.3): accepts each number once, tolerates
+/// reordering within 64 datagrams, and notices gaps (loss).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqWindow {
+    newest: u32,
+    /// Bit `i` set: `newest - i` was seen.
+    seen: u64,
+}
+
+impl SeqWindow {
+    pub fn starting_at(seq: u32) -> SeqWindow {
+        SeqWindow {
+            newest: seq,
+            seen: 1,
+        }
+    }
+
+    pub fn accept(&mut self, seq: u32) -> Accepted {
+        if seq > self.newest {
+            let shift = seq - self.newest;
+            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.newest = seq;
+            return if shift == 1 {
+                Accepted::InOrder
+            } else {
+                Accepted::AfterGap
+            };
+        }
+        let age = self.newest - seq;
+        if age >= 64 || self.seen & (1 << age) != 0 {
+            return Accepted::Replay;
+        }
+        self.seen |= 1 << age;
+        Accepted::Late
+    }
+}
+
+/// The sync engine of one gateway.
+///
+/// # Using it
+///
+/// Feed it input, then drain its output, then sleep until its deadline:
+///
+/// 1. Input: [`Engine::handle_datagram`] for every datagram received on the
+///    group; [`Engine::set`] / [`Engine::delete`] for local writes;
+///    [`Engine::trigger`] when devices power on or reconnect or the network
+///    comes up; [`Engine::handle_timeout`] when the deadline has passed (a
+///    spurious call is a harmless no-op).
+/// 2. Output, after every input: send each [`Engine::poll_transmit`] datagram
+///    to the multicast group until it returns `None`; handle each
+///    [`Engine::poll_event`] (apply changes, rebuild the socket on
+///    [`Event::RebuildSocket`], persist a new node id); persist the state
+///    when [`Engine::state_generation`] has moved.
+/// 3. Wait for the next datagram or until [`Engine::poll_timeout`].
+///
+/// The engine never blocks and never fails on network input: bad datagrams
+/// are dropped and counted in [`Engine::counters`].
+pub struct Engine {
+    config: Config,
+    node_id: NodeId,
+    boot: u32,
+    seq: u32,
+    clock: Clock,
+    store: Store,
+    rng: StdRng,
+    trickle: Trickle,
+    reassembly: Reassembly,
+    peers: BTreeMap<NodeId, Peer>,
+    last_heard_other: u64,
+    pending_push: BTreeSet<String>,
+    push_due: Option<u64>,
+    /// When to send our bucket digests, and the digest of the gateway whose
+    /// difference called for them (if ours becomes equal, they are moot).
+    bucket_digests_due: Option<(u64, u64)>,
+    repair_queue: BTreeSet<u16>,
+    repair_due: Option<u64>,
+    loss_seen_at: Option<u64>,
+    purge_due: u64,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    counters: Counters,
+    state_generation: u64,
+}
+
+impl Engine {
+    /// An engine with an empty store, starting at monotonic time `now`.
+    /// `seed` drives every random choice (timers, boot id, a new node id).
+    pub fn new(config: Config, node_id: NodeId, seed: u64, now: u64) -> Engine {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let trickle = Trickle::new(config.trickle, now, &mut rng);
+        Engine {
+            node_id,
+            boot: rng.random(),
+            seq: 0,
+            clock: Clock::default(),
+            store: Store::new(config.store),
+            trickle,
+            reassembly: Reassembly::new(config.reassembly),
+            peers: BTreeMap::new(),
+            last_heard_other: now,
+            pending_push: BTreeSet::new(),
+            push_due: None,
+            bucket_digests_due: None,
+            repair_queue: BTreeSet::new(),
+            repair_due: None,
+            loss_seen_at: None,
+            purge_due: now + config.purge_interval_ms,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            state_generation: 0,
+            rng,
+            config,
+        }
+    }
+
+    /// Restores persisted state: entries and the clock's high-water mark.
+    /// Call before the first input. Entries over a limit are skipped and
+    /// counted, never half-loaded.
+    pub fn restore(
+        &mut self,
+        clock_high_water: Hlc,
+        entries: impl IntoIterator<Item = (String, Entry)>,
+    ) {
+        let now = self.clock.high_water().max(clock_high_water);
+        for (key, entry) in entries {
+            if let Merged::Rejected(_) = self.store.merge(&key, entry, now) {
+                self.count_drop(DropReason::OverLimit);
+            }
+        }
+        self.clock
+            .observe(clock_high_water.max(self.store.max_hlc()));
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    pub fn boot_id(&self) -> u32 {
+        self.boot
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn clock_high_water(&self) -> Hlc {
+        self.clock.high_water()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn peers(&self) -> &BTreeMap<NodeId, Peer> {
+        &self.peers
+    }
+
+    /// Moves whenever something worth persisting changed (an entry, the
+    /// node id). Compare with the generation last written.
+    pub fn state_generation(&self) -> u64 {
+        self.state_generation
+    }
+
+    /// True when nothing is pending but the periodic Trickle summary: no
+    /// push, answer or repair waiting to go out.
+    pub fn is_idle(&self) -> bool {
+        self.push_due.is_none() && self.bucket_digests_due.is_none() && self.repair_queue.is_empty()
+    }
+
+    /// The current Trickle interval; at `Imax` the gateway is in steady state.
+    pub fn trickle_interval_ms(&self) -> u64 {
+        self.trickle.interval_ms()
+    }
+
+    /// The current value of a key; `None` when absent or deleted.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.store.get(key).and_then(|entry| entry.value.as_deref())
+    }
+
+    /// Writes a value (opaque bytes; the APIs above keep it JSON).
+    pub fn set(
+        &mut self,
+        now: u64,
+        wall_ms: u64,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), WriteError> {
+        self.write(now, wall_ms, key, Some(value))
+    }
+
+    /// Deletes a key, leaving a tombstone so the delete wins everywhere.
+    pub fn delete(&mut self, now: u64, wall_ms: u64, key: &str) -> Result<(), WriteError> {
+        if self.get(key).is_none() {
+            return Err(WriteError::NotFound);
+        }
+        self.write(now, wall_ms, key, None)
+    }
+
+    fn write(
+        &mut self,
+        now: u64,
+        wall_ms: u64,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), WriteError> {
+        self.store.check(key, value)?;
+        let version = Version {
+            hlc: self.clock.tick(wall_ms),
+            origin: self.node_id,
+        };
+        let entry = Entry {
+            version,
+            value: value.map(Into::into),
+        };
+        match self.store.merge(key, entry, version.hlc) {
+            Merged::Applied => {}
+            Merged::Rejected(rejected) => return Err(rejected.into()),
+            Merged::Stale => unreachable!("a fresh clock tick is newer than anything stored"),
+        }
+        self.state_generation += 1;
+        self.events.push_back(Event::Changed {
+            key: key.to_owned(),
+            value: value.map(Into::into),
+            origin: self.node_id,
+        });
+        self.pending_push.insert(key.to_owned());
+        self.push_due.get_or_insert(now + self.config.push_delay_ms);
+        Ok(())
+    }
+
+    /// Starts a sync request (method step 5): devices powered on or
+    /// reconnected, the network came up, or someone asked.
+    pub fn trigger(&mut self, now: u64, _reason: TriggerReason) {
+        self.trickle.reset(now, &mut self.rng);
+    }
+
+    /// The next datagram to multicast, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> u64 {
+        [
+            Some(self.trickle.next_deadline()),
+            self.push_due,
+            self.bucket_digests_due.map(|(due, _)| due),
+            self.repair_due,
+            self.reassembly.next_deadline(),
+            Some(self.last_heard_other + self.config.quiet_period_ms),
+            Some(self.purge_due),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the trickle deadline is always set")
+    }
+
+    /// Runs every timer whose deadline is at or before `now`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if self.push_due.is_some_and(|due| due <= now) {
+            self.push_due = None;
+            self.flush_push(now);
+        }
+        if self.trickle.on_timeout(now, &mut self.rng) {
+            self.send_summary();
+        }
+        if let Some((due, against)) = self.bucket_digests_due {
+            if due <= now {
+                self.bucket_digests_due = None;
+                if self.store.digest() != against {
+                    self.send_bucket_digests();
+                }
+            }
+        }
+        if self.repair_due.is_some_and(|due| due <= now) {
+            self.repair_due = None;
+            self.repair_next(now);
+        }
+        self.reassembly.expire(now);
+        if now >= self.last_heard_other + self.config.quiet_period_ms {
+            self.last_heard_other = now;
+            self.counters.socket_rebuilds += 1;
+            self.events.push_back(Event::RebuildSocket);
+            self.trickle.reset(now, &mut self.rng);
+        }
+        if now >= self.purge_due {
+            self.purge_due = now + self.config.purge_interval_ms;
+            if self.store.purge_expired(self.clock.high_water()) > 0 {
+                self.state_generation += 1;
+            }
+        }
+    }
+
+    /// Takes one datagram received from the group.
+    pub fn handle_datagram(&mut self, now: u64, bytes: &[u8]) {
+        self.counters.datagrams_received += 1;
+        self.counters.bytes_received += bytes.len() as u64;
+        let (header, message) = match wire::decode(bytes) {
+            Ok(decoded) => decoded,
+            Err(error) => return self.count_drop(DropReason::Decode(error)),
+        };
+        if header.sender == self.node_id {
+            if header.boot == self.boot {
+                return self.count_drop(DropReason::Own);
+            }
+            self.resolve_node_id_clash();
+            return;
+        }
+        if !self.hear_peer(now, &header) {
+            return self.count_drop(DropReason::Replay);
+        }
+        match message {
+            Message::Summary(summary) => self.on_summary(now, summary),
+            Message::Entries(entries) => self.on_entries(now, header.sender, entries),
+            Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
+            Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
+        }
+    }
+
+    fn count_drop(&mut self, reason: DropReason) {
+        *self.counters.dropped.entry(reason).or_default() += 1;
+    }
+
+    /// Cloned router images share a persisted node id. Both gateways notice
+    /// (each hears its id with another boot id) and both move to a new one;
+    /// entries already written keep their versions, which stay valid.
+    fn resolve_node_id_clash(&mut self) {
+        let old = self.node_id;
+        let new = NodeId(self.rng.random());
+        log::warn!("node id {old} is also used by another gateway; now using {new}");
+        self.node_id = new;
+        self.counters.node_id_clashes += 1;
+        self.state_generation += 1;
+        self.events.push_back(Event::NodeIdClash { old, new });
+    }
+
+    /// Records a datagram from a peer; `false` when it repeats one already
+    /// seen (a duplicate or a replay).
+    fn hear_peer(&mut self, now: u64, header: &Header) -> bool {
+        self.last_heard_other = now;
+        match self.peers.get_mut(&header.sender) {
+            Some(peer) if peer.boot == header.boot => {
+                peer.last_heard = now;
+                match peer.window.accept(header.seq) {
+                    Accepted::Replay => return false,
+                    Accepted::AfterGap => self.loss_seen_at = Some(now),
+                    Accepted::InOrder | Accepted::Late => {}
+                }
+            }
+            Some(peer) => {
+                *peer = Peer::new(now, header);
+            }
+            None => {
+                if self.peers.len() >= self.config.peers_max {
+                    let oldest = self
+                        .peers
+                        .iter()
+                        .min_by_key(|(_, peer)| peer.last_heard)
+                        .map(|(id, _)| *id)
+                        .expect("peers_max is at least 1 when full");
+                    self.peers.remove(&oldest);
+                    self.count_drop(DropReason::PeerEvicted);
+                }
+                if self.config.peers_max > 0 {
+                    self.peers.insert(header.sender, Peer::new(now, header));
+                }
+                self.events.push_back(Event::PeerDiscovered(header.sender));
+            }
+        }
+        true
+    }
+
+    fn on_summary(&mut self, now: u64, summary: Summary) {
+        self.clock.observe(summary.clock);
+        if summary.digest == self.store.digest() {
+            self.trickle.hear_consistent();
+            return;
+        }
+        // Method steps 3 and 4 at bucket level: answer with our bucket
+        // digests; whichever side holds newer buckets then sends them.
+        self.trickle.reset(now, &mut self.rng);
+        if self.repair_queue.is_empty() {
+            self.schedule_bucket_digests(now, summary.digest);
+        }
+    }
+
+    fn schedule_bucket_digests(&mut self, now: u64, against: u64) {
+        if self.bucket_digests_due.is_none() {
+            let due = now + self.random_delay();
+            self.bucket_digests_due = Some((due, against));
+        }
+    }
+
+    fn random_delay(&mut self) -> u64 {
+        self.rng
+            .random_range(0..self.config.response_window_ms.max(1))
+    }
+
+    fn merge_entry(&mut self, key: String, version: Version, value: Option<Box<[u8]>>) -> Merged {
+        self.clock.observe(version.hlc);
+        let entry = Entry {
+            version,
+            value: value.clone(),
+        };
+        let merged = self.store.merge(&key, entry, self.clock.high_water());
+        match merged {
+            Merged::Applied => {
+                self.counters.entries_applied += 1;
+                self.state_generation += 1;
+                self.events.push_back(Event::Changed {
+                    key,
+                    value,
+                    origin: version.origin,
+                });
+            }
+            Merged::Stale => self.counters.entries_stale += 1,
+            Merged::Rejected(_) => self.count_drop(DropReason::OverLimit),
+        }
+        merged
+    }
+
+    fn on_entries(&mut self, now: u64, _sender: NodeId, entries: Entries) {
+        let mut sender_is_behind = false;
+        for entry in entries.entries {
+            let stored_newer = self
+                .store
+                .get(&entry.key)
+                .is_some_and(|stored| stored.version > entry.version);
+            self.merge_entry(entry.key, entry.version, entry.value.map(Into::into));
+            sender_is_behind |= stored_newer;
+        }
+        if let Some(tag) = entries.repair {
+            self.hear_repair(now, tag);
+        }
+        if sender_is_behind {
+            // Method step 4: we hold newer data than what we heard, so we
+            // start our own sync request.
+            self.trickle.reset(now, &mut self.rng);
+        }
+    }
+
+    /// Another gateway is answering a repair. If it sent what we would have
+    /// sent for that bucket, drop it from our queue; either way let it go on
+    /// alone for a while, so one gateway answers instead of all of them.
+    fn hear_repair(&mut self, now: u64, tag: RepairTag) {
+        let bucket = tag.bucket as usize % BUCKETS;
+        if self.store.bucket_summary(bucket).digest == tag.digest {
+            self.repair_queue.remove(&tag.bucket);
+        }
+        if self.repair_queue.is_empty() {
+            self.repair_due = None;
+        } else if let Some(due) = self.repair_due {
+            let defer = now + self.config.response_window_ms + self.random_delay();
+            self.repair_due = Some(due.max(defer));
+        }
+    }
+
+    fn on_fragment(&mut self, now: u64, sender: NodeId, fragment: Fragment) {
+        if self
+            .store
+            .get(&fragment.key)
+            .is_some_and(|stored| stored.version >= fragment.version)
+        {
+            self.counters.entries_stale += 1;
+            return;
+        }
+        let key = fragment.key.clone();
+        let version = fragment.version;
+        let value_bytes_max = self.config.store.value_bytes_max;
+        match self
+            .reassembly
+            .insert(now, sender, fragment, value_bytes_max)
+        {
+            Ok(Some(value)) => {
+                self.merge_entry(key, version, Some(value.into()));
+            }
+            Ok(None) => {}
+            Err(_) => self.count_drop(DropReason::ReassemblyFull),
+        }
+    }
+
+    fn on_bucket_digests(&mut self, now: u64, digests: BucketDigests) {
+        if digests.digest == self.store.digest() {
+            // An answer identical to ours is already out.
+            self.bucket_digests_due = None;
+            return;
+        }
+        let mut listed = digests.buckets.iter().peekable();
+        let mut we_need = false;
+        let mut newly_queued = false;
+        for bucket in digests.first..digests.end.min(BUCKETS as u16) {
+            let theirs = match listed.peek() {
+                Some(&&(index, summary)) if index == bucket => {
+                    listed.next();
+                    summary
+                }
+                _ => BucketSummary::default(),
+            };
+            let ours = self.store.bucket_summary(bucket as usize);
+            if ours.digest == theirs.digest {
+                continue;
+            }
+            // The method's rule per bucket: the side with the newer data
+            // sends. When neither is newer both hold something the other
+            // lacks, and both send.
+            let ours_rank = (ours.max_hlc, ours.count.min(u16::MAX as u32));
+            let theirs_rank = (theirs.max_hlc, theirs.count);
+            if ours_rank >= theirs_rank {
+                newly_queued |= self.repair_queue.insert(bucket);
+            }
+            if ours_rank <= theirs_rank {
+                we_need = true;
+            }
+        }
+        if newly_queued && self.repair_due.is_none() {
+            self.repair_due = Some(now + self.random_delay());
+        }
+        if we_need {
+            self.schedule_bucket_digests(now, digests.digest);
+        }
+    }
+
+    fn payload_bytes_max(&self) -> usize {
+        self.config
+            .datagram_bytes_max
+            .saturating_sub(HEADER_LEN + self.config.seal_overhead_bytes)
+            .max(FRAGMENT_OVERHEAD + self.config.store.key_bytes_max + 1)
+    }
+
+    fn send(&mut self, message: &Message) {
+        self.seq = self.seq.wrapping_add(1);
+        let header = Header {
+            message_type: message.message_type(),
+            flags: 0,
+            key_id: 0,
+            sender: self.node_id,
+            boot: self.boot,
+            seq: self.seq,
+        };
+        let bytes = wire::encode(&header, message);
+        self.counters.datagrams_sent += 1;
+        self.counters.bytes_sent += bytes.len() as u64;
+        match message {
+            Message::Summary(_) => self.counters.summaries_sent += 1,
+            Message::Entries(entries) if entries.repair.is_some() => {
+                self.counters.repairs_sent += 1
+            }
+            Message::Entries(_) => self.counters.pushes_sent += 1,
+            Message::Fragment(_) => self.counters.fragments_sent += 1,
+            Message::BucketDigests(_) => self.counters.bucket_digests_sent += 1,
+        }
+        self.transmits.push_back(bytes);
+    }
+
+    fn send_summary(&mut self) {
+        let summary = Summary {
+            digest: self.store.digest(),
+            entries: self.store.len() as u32,
+            clock: self.clock.high_water(),
+        };
+        self.send(&Message::Summary(summary));
+    }
+
+    fn flush_push(&mut self, now: u64) {
+        let keys = std::mem::take(&mut self.pending_push);
+        let entries: Vec<(String, Entry)> = keys
+            .into_iter()
+            .filter_map(|key| self.store.get(&key).cloned().map(|entry| (key, entry)))
+            .collect();
+        self.send_entries(
+            None,
+            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
+        );
+        if self
+            .loss_seen_at
+            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms)
+        {
+            self.trickle.reset(now, &mut self.rng);
+        }
+    }
+
+    /// Packs entries into as few datagrams as fit; values too large for one
+    /// datagram go out as fragments. Returns the number of datagrams.
+    fn send_entries<'a>(
+        &mut self,
+        repair: Option<RepairTag>,
+        entries: impl Iterator<Item = (&'a str, &'a Entry)>,
+    ) -> usize {
+        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let mut sent = 0;
+        let mut batch: Vec<WireEntry> = Vec::new();
+        let mut batch_bytes = 0;
+        for (key, entry) in entries {
+            let len = WireEntry::encoded_len(key, entry.value.as_deref());
+            if len > room {
+                sent += self.send_fragments(key, entry);
+                continue;
+            }
+            if batch_bytes + len > room {
+                self.send(&Message::Entries(Entries {
+                    repair,
+                    entries: std::mem::take(&mut batch),
+                }));
+                sent += 1;
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            batch.push(WireEntry {
+                key: key.to_owned(),
+                version: entry.version,
+                value: entry.value.as_deref().map(<[u8]>::to_vec),
+            });
+        }
+        if !batch.is_empty() || (sent == 0 && repair.is_some()) {
+            self.send(&Message::Entries(Entries {
+                repair,
+                entries: batch,
+            }));
+            sent += 1;
+        }
+        sent
+    }
+
+    fn send_fragments(&mut self, key: &str, entry: &Entry) -> usize {
+        let value = entry.value.as_deref().unwrap_or_default();
+        let chunk_len = self.payload_bytes_max() - FRAGMENT_OVERHEAD - key.len();
+        let mut sent = 0;
+        for (index, chunk) in value.chunks(chunk_len).enumerate() {
+            self.send(&Message::Fragment(Fragment {
+                key: key.to_owned(),
+                version: entry.version,
+                total_len: value.len() as u32,
+                offset: (index * chunk_len) as u32,
+                chunk: chunk.to_vec(),
+            }));
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Sends the digests of every non-empty bucket, in as many datagrams as
+    /// needed, each covering a contiguous range so that an empty bucket is
+    /// told by its absence.
+    fn send_bucket_digests(&mut self) {
+        let per_datagram = (self.payload_bytes_max() - BUCKET_DIGESTS_PREFIX) / BUCKET_DIGEST_LEN;
+        let digest = self.store.digest();
+        let mut first = 0u16;
+        let mut buckets = Vec::new();
+        for bucket in 0..BUCKETS as u16 {
+            let summary = self.store.bucket_summary(bucket as usize);
+            if summary.count == 0 {
+                continue;
+            }
+            if buckets.len() == per_datagram {
+                self.send(&Message::BucketDigests(BucketDigests {
+                    digest,
+                    first,
+                    end: bucket,
+                    buckets: std::mem::take(&mut buckets),
+                }));
+                first = bucket;
+            }
+            buckets.push((bucket, summary));
+        }
+        self.send(&Message::BucketDigests(BucketDigests {
+            digest,
+            first,
+            end: BUCKETS as u16,
+            buckets,
+        }));
+    }
+
+    fn repair_next(&mut self, now: u64) {
+        let Some(bucket) = self.repair_queue.pop_first() else {
+            return;
+        };
+        let tag = RepairTag {
+            bucket,
+            digest: self.store.bucket_summary(bucket as usize).digest,
+        };
+        let entries: Vec<(String, Entry)> = self
+            .store
+            .bucket_entries(bucket as usize)
+            .map(|(key, entry)| (key.to_owned(), entry.clone()))
+            .collect();
+        let sent = self.send_entries(
+            Some(tag),
+            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
+        );
+        if !self.repair_queue.is_empty() {
+            self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_window_accepts_each_number_once_and_notices_gaps() {
+        let mut window = SeqWindow::starting_at(10);
+        assert_eq!(window.accept(11), Accepted::InOrder);
+        assert_eq!(window.accept(14), Accepted::AfterGap);
+        assert_eq!(window.accept(12), Accepted::Late);
+        assert_eq!(window.accept(12), Accepted::Replay);
+        assert_eq!(window.accept(10), Accepted::Replay);
+        assert_eq!(window.accept(200), Accepted::AfterGap);
+        assert_eq!(
+            window.accept(136),
+            Accepted::Replay,
+            "older than the window"
+        );
+        assert_eq!(window.accept(137), Accepted::Late);
+    }
+
+    #[test]
+    fn own_datagrams_are_dropped_and_a_clashing_id_is_replaced() {
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(1), 2, 0);
+        a.set(0, 1_000, "k", b"1").unwrap();
+        a.handle_timeout(a.poll_timeout());
+        let datagram = a.poll_transmit().expect("push");
+        a.handle_datagram(5, &datagram);
+        assert_eq!(a.counters().dropped.get(&DropReason::Own), Some(&1));
+        b.handle_datagram(5, &datagram);
+        let clash =
+            std::iter::from_fn(|| b.poll_event()).find(|e| matches!(e, Event::NodeIdClash { .. }));
+        assert!(matches!(
+            clash,
+            Some(Event::NodeIdClash { old: NodeId(1), .. })
+        ));
+        assert_ne!(b.node_id(), NodeId(1));
+    }
+
+    #[test]
+    fn a_burst_of_writes_leaves_in_few_full_datagrams() {
+        let mut engine = Engine::new(Config::default(), NodeId(1), 1, 0);
+        for i in 0..100 {
+            engine
+                .set(0, 1_000, &format!("scene/{i}"), b"{\"on\":true}")
+                .unwrap();
+        }
+        engine.handle_timeout(engine.config().push_delay_ms);
+        let datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| engine.poll_transmit()).collect();
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        assert!(datagrams.iter().all(|d| d.len() <= 1400));
+        assert_eq!(
+            datagrams.len(),
+            bytes.div_ceil(1400),
+            "{} datagrams for {bytes} bytes",
+            datagrams.len()
+        );
+    }
+
+    #[test]
+    fn a_large_value_goes_out_as_fragments_and_reassembles() {
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
+        let value: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        a.set(0, 1_000, "big", &value).unwrap();
+        a.handle_timeout(a.poll_timeout());
+        let datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert!(datagrams.len() >= 15);
+        for datagram in datagrams.iter().rev() {
+            b.handle_datagram(1, datagram);
+        }
+        assert_eq!(b.get("big"), Some(&value[..]));
+    }
+}

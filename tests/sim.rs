@@ -1,0 +1,402 @@
+//! The engine under the deterministic simulator: the method's own example,
+//! partitions, joins, faults, and many random seeds. Every failure message
+//! names its seed; `GWSYNC_SIM_SEED=N cargo test --test sim` replays one,
+//! `GWSYNC_SIM_SEEDS=N` runs more (default 1000).
+
+use std::collections::BTreeMap;
+
+use gwsync::engine::store::Entry;
+use gwsync::engine::{Config, Engine};
+use gwsync::sim::{Medium, Sim, engine_factory};
+use rand::Rng;
+
+/// Every write made in a run; the expected end state is their
+/// last-writer-wins merge.
+#[derive(Default)]
+struct Oracle {
+    winners: BTreeMap<String, Entry>,
+}
+
+impl Oracle {
+    fn write(&mut self, sim: &mut Sim, node: usize, key: &str, value: Option<&[u8]>) {
+        sim.write(node, key, value);
+        let Some(entry) = engine(sim, node).store().get(key).cloned() else {
+            return;
+        };
+        let wins = self.winners.get(key).is_none_or(|old| {
+            (entry.version, entry.value.as_deref()) > (old.version, old.value.as_deref())
+        });
+        if wins {
+            self.winners.insert(key.to_owned(), entry);
+        }
+    }
+
+    fn expected(&self) -> BTreeMap<String, Vec<u8>> {
+        self.winners
+            .iter()
+            .filter_map(|(key, entry)| Some((key.clone(), entry.value.as_deref()?.to_vec())))
+            .collect()
+    }
+}
+
+fn engine(sim: &Sim, node: usize) -> &Engine {
+    sim.gateway(node)
+        .and_then(|gateway| gateway.engine())
+        .expect("node is up and runs an engine")
+}
+
+fn data(sim: &Sim, node: usize) -> BTreeMap<String, Vec<u8>> {
+    sim.gateway(node).expect("node is up").data()
+}
+
+/// Runs until the group holds exactly the oracle's data everywhere and is
+/// quiet; panics with the seed otherwise.
+fn settle(sim: &mut Sim, oracle: &Oracle, seed: u64, limit_ms: u64) -> u64 {
+    let expected = oracle.expected();
+    let took = sim.run_until_condition(limit_ms, |sim| {
+        sim.quiet() && (0..sim.len()).all(|node| !sim.is_up(node) || data(sim, node) == expected)
+    });
+    match took {
+        Some(took) => took,
+        None => {
+            let report: Vec<String> = (0..sim.len())
+                .filter(|&node| sim.is_up(node))
+                .map(|node| {
+                    let held = data(sim, node);
+                    let missing = expected
+                        .iter()
+                        .filter(|(k, v)| held.get(*k) != Some(v))
+                        .count();
+                    let extra = held.keys().filter(|k| !expected.contains_key(*k)).count();
+                    format!("node {node}: {missing} missing/different, {extra} extra")
+                })
+                .collect();
+            panic!(
+                "seed {seed}: no convergence within {limit_ms} ms (quiet: {}): {report:?}",
+                sim.quiet()
+            )
+        }
+    }
+}
+
+fn new_sim(seed: u64, n: usize, medium: Medium) -> Sim {
+    Sim::new(seed, n, medium, engine_factory(Config::default()))
+}
+
+fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(seed) = std::env::var("GWSYNC_SIM_SEED") {
+        return vec![seed.parse().expect("GWSYNC_SIM_SEED is a number")];
+    }
+    let count = std::env::var("GWSYNC_SIM_SEEDS")
+        .ok()
+        .map(|n| n.parse().expect("GWSYNC_SIM_SEEDS is a number"))
+        .unwrap_or(default);
+    (0..count).collect()
+}
+
+const MINUTE: u64 = 60_000;
+
+#[test]
+fn method_example_versions_1_2_3_converge_to_3_and_the_oldest_never_sends_data() {
+    for seed in seeds(50) {
+        let mut sim = new_sim(seed, 3, Medium::default());
+        let mut oracle = Oracle::default();
+        for node in 0..3 {
+            sim.set_partition(node, node as u32 + 1);
+        }
+        for (node, version) in [(0, "1"), (1, "2"), (2, "3")] {
+            oracle.write(&mut sim, node, "data", Some(version.as_bytes()));
+            sim.run_for(1_000);
+        }
+        // Let each isolated gateway's Trickle timer settle, then join them.
+        sim.run_for(5 * MINUTE);
+        let oldest_data_sent = |sim: &Sim| {
+            let counters = engine(sim, 0).counters();
+            counters.pushes_sent + counters.repairs_sent + counters.fragments_sent
+        };
+        let before = oldest_data_sent(&sim);
+        sim.heal();
+        sim.trigger(1);
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        for node in 0..3 {
+            assert_eq!(data(&sim, node)["data"], b"3", "seed {seed}");
+        }
+        assert_eq!(
+            oldest_data_sent(&sim),
+            before,
+            "seed {seed}: gateway 1 sent its older data"
+        );
+    }
+}
+
+#[test]
+fn partitioned_writes_to_different_keys_all_survive_the_heal() {
+    for seed in seeds(50) {
+        let mut sim = new_sim(seed, 6, Medium::default());
+        let mut oracle = Oracle::default();
+        sim.run_for(MINUTE);
+        for node in 0..6 {
+            sim.set_partition(node, (node % 2) as u32 + 1);
+        }
+        for round in 0..10 {
+            for node in 0..6 {
+                let key = format!("scene/{node}/{round}");
+                oracle.write(&mut sim, node, &key, Some(b"{\"on\":true}"));
+            }
+            sim.run_for(700);
+        }
+        sim.run_for(2 * MINUTE);
+        sim.heal();
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        assert_eq!(data(&sim, 0).len(), 60, "seed {seed}");
+    }
+}
+
+#[test]
+fn concurrent_writes_to_one_key_give_the_same_winner_everywhere() {
+    for seed in seeds(50) {
+        let mut sim = new_sim(seed, 4, Medium::default());
+        let mut oracle = Oracle::default();
+        for node in 0..4 {
+            sim.set_partition(node, node as u32);
+        }
+        for node in 0..4 {
+            let value = format!("{{\"by\":{node}}}");
+            oracle.write(&mut sim, node, "room/1", Some(value.as_bytes()));
+        }
+        sim.heal();
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        let winner = data(&sim, 0)["room/1"].clone();
+        for node in 1..4 {
+            assert_eq!(data(&sim, node)["room/1"], winner, "seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn a_delete_beats_an_older_write_and_loses_to_a_newer_one() {
+    for seed in seeds(20) {
+        let mut sim = new_sim(seed, 3, Medium::default());
+        let mut oracle = Oracle::default();
+        oracle.write(&mut sim, 0, "device/7", Some(b"1"));
+        settle(&mut sim, &oracle, seed, MINUTE);
+        sim.set_partition(2, 9);
+        oracle.write(&mut sim, 1, "device/7", None);
+        sim.run_for(1_000);
+        // Gateway 3 never saw the delete but holds the old value: healing
+        // must not bring it back.
+        sim.heal();
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        assert!(!data(&sim, 2).contains_key("device/7"), "seed {seed}");
+        sim.run_for(1_000);
+        oracle.write(&mut sim, 2, "device/7", Some(b"2"));
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        assert_eq!(data(&sim, 0)["device/7"], b"2", "seed {seed}");
+    }
+}
+
+#[test]
+fn a_new_gateway_joining_a_10000_key_group_converges_without_everyone_answering() {
+    for seed in seeds(2) {
+        let mut sim = new_sim(seed, 8, Medium::default());
+        let mut oracle = Oracle::default();
+        for i in 0..10_000 {
+            let key = format!("home/{}/device/{i}", i % 7);
+            let value = format!(
+                "{{\"name\":\"device {i}\",\"label\":\"living room lamp\",\"room\":{},\"on\":false,\"level\":{}}}",
+                i % 31,
+                i % 100
+            );
+            oracle.write(&mut sim, i % 8, &key, Some(value.as_bytes()));
+        }
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        let store_bytes = engine(&sim, 0).store().bytes() as u64;
+        assert!(store_bytes > 900_000, "store is {store_bytes} bytes");
+        sim.run_for(10 * MINUTE);
+        let before = sim.traffic();
+        let repairs_before: Vec<u64> = (0..8)
+            .map(|node| engine(&sim, node).counters().repairs_sent)
+            .collect();
+        let joiner = sim.add_node();
+        let took = settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        let bytes = sim.traffic().bytes - before.bytes;
+        let answering: Vec<u64> = (0..8)
+            .map(|node| engine(&sim, node).counters().repairs_sent - repairs_before[node])
+            .collect();
+        let most = *answering.iter().max().unwrap();
+        let total: u64 = answering.iter().sum();
+        assert_eq!(data(&sim, joiner).len(), 10_000, "seed {seed}");
+        assert!(
+            bytes * 2 <= store_bytes * 3,
+            "seed {seed}: join cost {bytes} bytes for a {store_bytes}-byte store (took {took} ms)"
+        );
+        assert!(
+            most * 10 >= total * 7,
+            "seed {seed}: repairs were spread over many gateways: {answering:?}"
+        );
+    }
+}
+
+/// Writes and faults, then convergence to exactly the merge, then quiet.
+fn faulty_run(seed: u64, medium: Medium, crash: bool, skew: bool) {
+    let mut sim = new_sim(seed, 5, medium);
+    let mut oracle = Oracle::default();
+    let hour = 3_600_000i64;
+    if skew {
+        sim.set_clock_offset(1, -5 * hour);
+        sim.set_clock_offset(2, 3 * hour);
+    }
+    for round in 0..40u32 {
+        let node = (seed as usize + round as usize) % 5;
+        if !sim.is_up(node) {
+            continue;
+        }
+        let key = format!("k/{}", round % 7);
+        let value = if round % 9 == 8 {
+            None
+        } else {
+            Some(format!("{round}"))
+        };
+        oracle.write(&mut sim, node, &key, value.as_deref().map(str::as_bytes));
+        if crash && round == 17 {
+            sim.crash(3);
+        }
+        if crash && round == 29 {
+            sim.restart(3);
+        }
+        if skew && round == 20 {
+            sim.set_clock_offset(2, -2 * hour);
+        }
+        sim.run_for(37);
+    }
+    settle(&mut sim, &oracle, seed, 30 * MINUTE);
+    // Quiet means back to Trickle's steady state: a few summaries per Imax.
+    sim.run_for(5 * MINUTE);
+    let before = sim.traffic().datagrams;
+    sim.run_for(10 * 64_000);
+    let per_interval = (sim.traffic().datagrams - before) as f64 / 10.0;
+    assert!(
+        per_interval <= 4.0,
+        "seed {seed}: {per_interval} datagrams per Imax when quiet"
+    );
+}
+
+#[test]
+fn convergence_under_loss_duplication_and_reordering() {
+    for seed in seeds(30) {
+        for loss in [0, 10, 30] {
+            let medium = Medium {
+                loss_percent: loss,
+                duplicate_percent: 10,
+                delay_ms_min: 1,
+                delay_ms_max: 30,
+            };
+            faulty_run(seed, medium, false, false);
+        }
+    }
+}
+
+#[test]
+fn convergence_after_a_crash_and_restart_mid_burst() {
+    for seed in seeds(30) {
+        let medium = Medium {
+            loss_percent: 10,
+            ..Medium::default()
+        };
+        faulty_run(seed, medium, true, false);
+    }
+}
+
+#[test]
+fn convergence_with_clocks_hours_off_and_jumping_back() {
+    for seed in seeds(30) {
+        faulty_run(seed, Medium::default(), false, true);
+    }
+}
+
+#[test]
+fn a_write_after_seeing_a_value_wins_even_from_a_clock_hours_behind() {
+    let mut sim = new_sim(7, 2, Medium::default());
+    let mut oracle = Oracle::default();
+    sim.set_clock_offset(0, 6 * 3_600_000);
+    sim.set_clock_offset(1, -6 * 3_600_000);
+    oracle.write(&mut sim, 0, "scene", Some(b"\"from the future\""));
+    settle(&mut sim, &oracle, 7, MINUTE);
+    oracle.write(&mut sim, 1, "scene", Some(b"\"later\""));
+    settle(&mut sim, &oracle, 7, MINUTE);
+    assert_eq!(data(&sim, 0)["scene"], b"\"later\"");
+}
+
+#[test]
+fn a_cloned_node_id_is_noticed_and_replaced() {
+    let config = Config::default();
+    let factory = engine_factory(config);
+    let mut sim = Sim::new(
+        3,
+        0,
+        Medium::default(),
+        Box::new(move |index, _, seed, now, persisted| {
+            // Both gateways boot from the same image: the same persisted id.
+            factory(index, gwsync::engine::NodeId(0xc10e), seed, now, persisted)
+        }),
+    );
+    sim.add_node();
+    sim.add_node();
+    let mut oracle = Oracle::default();
+    oracle.write(&mut sim, 0, "a", Some(b"1"));
+    oracle.write(&mut sim, 1, "b", Some(b"2"));
+    settle(&mut sim, &oracle, 3, 10 * MINUTE);
+    let (a, b) = (engine(&sim, 0), engine(&sim, 1));
+    assert_ne!(a.node_id(), b.node_id());
+    assert!(a.counters().node_id_clashes + b.counters().node_id_clashes >= 1);
+}
+
+#[test]
+fn random_topologies_and_faults_always_converge() {
+    for seed in seeds(1000) {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
+        let n = rng.random_range(2..=6);
+        let medium = Medium {
+            loss_percent: [0, 0, 10, 30][rng.random_range(0..4)],
+            duplicate_percent: rng.random_range(0..10),
+            delay_ms_min: 1,
+            delay_ms_max: rng.random_range(1..60),
+        };
+        let mut sim = new_sim(seed, n, medium);
+        let mut oracle = Oracle::default();
+        for node in 0..n {
+            if rng.random_bool(0.3) {
+                sim.set_clock_offset(node, rng.random_range(-10_800_000..10_800_000));
+            }
+        }
+        for _ in 0..rng.random_range(5..40) {
+            let node = rng.random_range(0..n);
+            match rng.random_range(0..100) {
+                0..50 if sim.is_up(node) => {
+                    let key = format!("k{}", rng.random_range(0..10));
+                    let value = format!("{}", rng.random::<u16>());
+                    oracle.write(&mut sim, node, &key, Some(value.as_bytes()));
+                }
+                50..60 if sim.is_up(node) => {
+                    let key = format!("k{}", rng.random_range(0..10));
+                    oracle.write(&mut sim, node, &key, None);
+                }
+                60..68 => sim.set_partition(node, rng.random_range(0..3)),
+                68..72 => sim.heal(),
+                72..78 if sim.is_up(node) => sim.crash(node),
+                78..84 if !sim.is_up(node) => sim.restart(node),
+                84..88 => sim.set_clock_offset(node, rng.random_range(-10_800_000..10_800_000)),
+                _ => {}
+            }
+            let pause = rng.random_range(0..5_000);
+            sim.run_for(pause);
+        }
+        sim.heal();
+        for node in 0..n {
+            if !sim.is_up(node) {
+                sim.restart(node);
+            }
+        }
+        settle(&mut sim, &oracle, seed, 60 * MINUTE);
+    }
+}
