@@ -9,13 +9,15 @@
 # not install them would pass without testing anything.
 #
 # Env: GWSYNC_CROSS_DIR (default: <repo>/../shared/cross), CI_CROSS_TARGETS
-#      (default: the two MIPS targets), XRUST_PREFIX / XRUST_VERSION.
+#      (default: the two MIPS targets), CI_CROSS_CARGO_ARGS (extra cargo test
+#      arguments, e.g. --release), XRUST_PREFIX / XRUST_VERSION.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 cross=${GWSYNC_CROSS_DIR:-$(cd "$repo/.." && pwd)/shared/cross}
 read -r -a targets <<< "${CI_CROSS_TARGETS:-mipsel-unknown-linux-musl mips-unknown-linux-musl}"
+read -r -a cargo_args <<< "${CI_CROSS_CARGO_ARGS-}"
 
 fail() {
 	{
@@ -60,7 +62,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for t in "${targets[@]}"; do
 	echo "ci-cross: cargo test for $t under qemu" >&2
-	"$cross/cross-test.sh" "$t" --locked 2>&1 | tee "$log" ||
+	"$cross/cross-test.sh" "$t" --locked "${cargo_args[@]}" 2>&1 | tee "$log" ||
 		fail "tests failed for $t"
 	# A runner that executed nothing would also exit 0.
 	ran=$(grep -c '^test result: ok' "$log" || true)
