@@ -9,6 +9,7 @@
 //! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
+pub mod crypto;
 pub mod engine;
 pub mod sim;
 pub mod wire;
