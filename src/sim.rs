@@ -52,6 +52,9 @@ pub trait Gateway {
     fn engine(&self) -> Option<&Engine> {
         None
     }
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
+        None
+    }
 }
 
 /// The state a gateway keeps on flash.
@@ -127,6 +130,9 @@ impl Gateway for Engine {
     fn engine(&self) -> Option<&Engine> {
         Some(self)
     }
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
+        Some(self)
+    }
 }
 
 /// Builds a gateway: (node index, node id, seed, now, persisted state).
@@ -193,6 +199,8 @@ pub struct Sim {
     in_flight: BinaryHeap<Reverse<InFlight>>,
     sequence: u64,
     traffic: Traffic,
+    /// Every datagram sent, when capturing (what a tcpdump would see).
+    capture: Option<Vec<Rc<[u8]>>>,
 }
 
 impl Sim {
@@ -207,6 +215,7 @@ impl Sim {
             in_flight: BinaryHeap::new(),
             sequence: 0,
             traffic: Traffic::default(),
+            capture: None,
         };
         for _ in 0..n {
             sim.add_node();
@@ -248,6 +257,15 @@ impl Sim {
 
     pub fn traffic(&self) -> Traffic {
         self.traffic
+    }
+
+    /// Starts keeping a copy of every datagram sent from now on.
+    pub fn start_capture(&mut self) {
+        self.capture.get_or_insert_with(Vec::new);
+    }
+
+    pub fn captured(&self) -> &[Rc<[u8]>] {
+        self.capture.as_deref().unwrap_or_default()
     }
 
     pub fn set_medium(&mut self, medium: Medium) {
@@ -345,6 +363,9 @@ impl Sim {
 
     fn multicast(&mut self, from: usize, bytes: Vec<u8>) {
         let bytes: Rc<[u8]> = bytes.into();
+        if let Some(capture) = self.capture.as_mut() {
+            capture.push(bytes.clone());
+        }
         self.traffic.datagrams += 1;
         self.traffic.bytes += bytes.len() as u64;
         let partition = self.nodes[from].partition;
