@@ -331,7 +331,14 @@ pub struct Engine {
     bucket_digests_due: Option<(u64, u64)>,
     repair_queue: BTreeSet<u16>,
     repair_due: Option<u64>,
+    /// When we last saw loss first-hand: a sequence gap, or a difference
+    /// that needed repair. Advertised in our headers.
     loss_seen_at: Option<u64>,
+    /// When a peer last advertised first-hand loss. Second-hand evidence is
+    /// not advertised again, so the flag dies out when the loss stops.
+    loss_heard_at: Option<u64>,
+    /// The latest time passed in, for stamping outgoing headers.
+    now: u64,
     tail: Option<Tail>,
     purge_due: u64,
     transmits: VecDeque<Vec<u8>>,
@@ -365,6 +372,8 @@ impl Engine {
             repair_queue: BTreeSet::new(),
             repair_due: None,
             loss_seen_at: None,
+            loss_heard_at: None,
+            now,
             tail: None,
             purge_due: now + config.purge_interval_ms,
             transmits: VecDeque::new(),
@@ -543,6 +552,7 @@ impl Engine {
 
     /// Runs every timer whose deadline is at or before `now`.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
         if self.push_due.is_some_and(|due| due <= now) {
             self.push_due = None;
             self.flush_push(now);
@@ -592,6 +602,7 @@ impl Engine {
 
     /// Takes one datagram received from the group.
     pub fn handle_datagram(&mut self, now: u64, bytes: &[u8]) {
+        self.now = self.now.max(now);
         self.counters.datagrams_received += 1;
         self.counters.bytes_received += bytes.len() as u64;
         let (header, message) = match self.open(bytes) {
@@ -606,6 +617,9 @@ impl Engine {
         }
         if let Err(reason) = self.hear_peer(now, &header) {
             return self.count_drop(reason);
+        }
+        if header.flags & wire::FLAG_LOSS_SEEN != 0 {
+            self.loss_heard_at = Some(now);
         }
         match message {
             Message::Summary(summary) => self.on_summary(now, summary),
@@ -811,6 +825,7 @@ impl Engine {
             self.bucket_digests_due = None;
             return;
         }
+        self.loss_seen_at = Some(now);
         let mut listed = digests.buckets.iter().peekable();
         let mut we_need = false;
         let mut newly_queued = false;
@@ -864,7 +879,11 @@ impl Engine {
         self.seq += 1;
         let mut header = Header {
             message_type: message.message_type(),
-            flags: 0,
+            flags: if self.recent(self.loss_seen_at) {
+                wire::FLAG_LOSS_SEEN
+            } else {
+                0
+            },
             key_id: 0,
             sender: self.node_id,
             boot: self.boot,
@@ -873,7 +892,7 @@ impl Engine {
         let bytes = match &self.keyring {
             None => wire::encode(&header, message),
             Some(keyring) => {
-                header.flags = wire::FLAG_ENCRYPTED;
+                header.flags |= wire::FLAG_ENCRYPTED;
                 header.key_id = keyring.primary_id();
                 let mut head = Vec::with_capacity(HEADER_LEN);
                 header.emit(&mut head);
@@ -907,6 +926,10 @@ impl Engine {
         self.send(&Message::Summary(summary));
     }
 
+    fn recent(&self, at: Option<u64>) -> bool {
+        at.is_some_and(|at| self.now.saturating_sub(at) < self.config.loss_memory_ms)
+    }
+
     fn flush_push(&mut self, now: u64) {
         let keys = std::mem::take(&mut self.pending_push);
         let entries: Vec<(String, Entry)> = keys
@@ -917,9 +940,7 @@ impl Engine {
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
-        let lossy = self
-            .loss_seen_at
-            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms);
+        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
         if lossy && self.config.tail_summaries > 0 {
             let imin = self.config.trickle.imin_ms.max(1);
             self.tail = Some(Tail {
