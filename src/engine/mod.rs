@@ -737,6 +737,11 @@ impl Engine {
     }
 
     fn merge_entry(&mut self, key: String, version: Version, value: Option<Box<[u8]>>) -> Merged {
+        // A refused entry must not drag our clock anywhere.
+        if let Err(rejected) = self.store.check(&key, value.as_deref()) {
+            self.count_drop(DropReason::OverLimit);
+            return Merged::Rejected(rejected);
+        }
         self.clock.observe(version.hlc);
         let entry = Entry {
             version,
