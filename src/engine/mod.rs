@@ -98,6 +98,10 @@ pub struct Config {
     /// after about `Imin`, `2 Imin`, `4 Imin`..., each skipped when a
     /// summary equal to ours was heard since the previous one.
     pub tail_summaries: u32,
+    /// A datagram missed from a peer (a sequence gap) is answered with one
+    /// summary of ours, so a lost push is noticed at the sender's next
+    /// datagram; at most one such probe per this interval.
+    pub gap_probe_interval_ms: u64,
     pub peers_max: usize,
     /// Datagrams one sender may have accepted per second (and in a burst).
     /// A repair sends about 1 / `repair_datagram_interval_ms` per ms.
@@ -124,6 +128,7 @@ impl Default for Config {
             repair_datagram_interval_ms: 2,
             loss_memory_ms: 3_600_000,
             tail_summaries: 3,
+            gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
             purge_interval_ms: 60_000,
@@ -339,6 +344,7 @@ pub struct Engine {
     loss_heard_at: Option<u64>,
     /// The latest time passed in, for stamping outgoing headers.
     now: u64,
+    last_gap_probe: Option<u64>,
     tail: Option<Tail>,
     purge_due: u64,
     transmits: VecDeque<Vec<u8>>,
@@ -374,6 +380,7 @@ impl Engine {
             loss_seen_at: None,
             loss_heard_at: None,
             now,
+            last_gap_probe: None,
             tail: None,
             purge_due: now + config.purge_interval_ms,
             transmits: VecDeque::new(),
@@ -670,13 +677,13 @@ impl Engine {
     /// quiet-period timer.
     fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
+        let mut missed_some = false;
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
                 match window.check(header.boot, header.seq) {
                     Err(error) => return Err(DropReason::Replay(error)),
-                    Ok(Accepted::Skipped { .. }) => self.loss_seen_at = Some(now),
-                    Ok(Accepted::Next | Accepted::Reordered | Accepted::NewBoot) => {}
+                    Ok(accepted) => missed_some = matches!(accepted, Accepted::Skipped { .. }),
                 }
                 if !peer.take_token(now, rate_max) {
                     return Err(DropReason::RateLimited);
@@ -700,6 +707,23 @@ impl Engine {
                         .insert(header.sender, Peer::new(now, header, rate_max));
                 }
                 self.events.push_back(Event::PeerDiscovered(header.sender));
+            }
+        }
+        if missed_some {
+            // We missed a datagram from this sender. If it held data, a
+            // summary from us soon shows the difference and starts the
+            // repair, instead of waiting for the next Trickle summary (up to
+            // Imax away).
+            // One probe, at most one per `gap_probe_interval_ms`: on a lossy
+            // LAN probes are lost too, and each loss noticed must not set
+            // off a chain of probes.
+            self.loss_seen_at = Some(now);
+            let probed_lately = self
+                .last_gap_probe
+                .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
+            if self.tail.is_none() && !probed_lately {
+                self.last_gap_probe = Some(now);
+                self.start_tail(now, 1);
             }
         }
         self.last_heard_other = now;
@@ -946,15 +970,23 @@ impl Engine {
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
         let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
-        if lossy && self.config.tail_summaries > 0 {
-            let imin = self.config.trickle.imin_ms.max(1);
-            self.tail = Some(Tail {
-                due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
-                gap_ms: imin,
-                remaining: self.config.tail_summaries,
-                consistent_heard: false,
-            });
+        if lossy {
+            self.start_tail(now, self.config.tail_summaries);
         }
+    }
+
+    /// Schedules `count` tail summaries, the first within about `Imin`.
+    fn start_tail(&mut self, now: u64, count: u32) {
+        if count == 0 {
+            return;
+        }
+        let imin = self.config.trickle.imin_ms.max(1);
+        self.tail = Some(Tail {
+            due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
+            gap_ms: imin,
+            remaining: count,
+            consistent_heard: false,
+        });
     }
 
     /// Packs entries into as few datagrams as fit; values too large for one
