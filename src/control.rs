@@ -487,4 +487,39 @@ mod tests {
         let parsed: Value = serde_json::from_str(&change_line(&deleted)).unwrap();
         assert_eq!(parsed["deleted"], true);
     }
+
+    #[test]
+    fn a_lone_surrogate_value_parses_as_syntax_but_is_refused_as_json() {
+        // Found by the control_request fuzz target.
+        let line = br#"{"op":"set","key":"scgn/8","value":{"??????uda60\uDdaa9?":true}}"#;
+        let Ok(Request::Set { value, .. }) = parse_request(line) else {
+            panic!("a syntactically valid set request");
+        };
+        assert!(driver::compact_json(&value).is_err());
+    }
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_request(br#"{"op":"trigger","reason":"network-up"}"#),
+            Ok(Request::Trigger(TriggerReason::NetworkUp))
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"list"}"#),
+            Ok(Request::List {
+                prefix: String::new()
+            })
+        );
+        for bad in [
+            &b"[1]"[..],
+            b"{\"op\":7}",
+            b"{\"op\":\"get\"}",
+            b"{\"op\":\"explode\"}",
+            b"\xff",
+        ] {
+            let (code, message) = parse_request(bad).unwrap_err();
+            assert_eq!(code, ErrorCode::BadRequest, "{message}");
+            assert!(!message.is_empty());
+        }
+    }
 }
