@@ -78,7 +78,7 @@ impl GroupSocket {
                 // Binding to the group address (Linux allows it) filters out
                 // unicast and other groups sent to the same port.
                 socket.bind(&SocketAddr::V4(SocketAddrV4::new(v4, port)).into())?;
-                socket.set_multicast_all_v4(false)?;
+                tolerate_missing_option(socket.set_multicast_all_v4(false))?;
                 socket.set_multicast_ttl_v4(1)?;
                 socket.set_multicast_loop_v4(true)?;
             }
@@ -87,7 +87,7 @@ impl GroupSocket {
                 socket.bind(
                     &SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into(),
                 )?;
-                socket.set_multicast_all_v6(false)?;
+                tolerate_missing_option(socket.set_multicast_all_v6(false))?;
                 socket.set_multicast_hops_v6(1)?;
                 socket.set_multicast_loop_v6(true)?;
             }
@@ -249,6 +249,19 @@ impl LinkWatch {
 impl AsFd for LinkWatch {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// `IP_MULTICAST_ALL` / `IPV6_MULTICAST_ALL` only narrow what a socket
+/// hears (the engine drops foreign datagrams anyway); a kernel or emulator
+/// without them (qemu-user says ENOPROTOOPT) must not stop the daemon.
+fn tolerate_missing_option(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(error) if error.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            log::debug!("socket option not supported here: {error}");
+            Ok(())
+        }
+        other => other,
     }
 }
 
