@@ -10,6 +10,7 @@
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
 pub mod control;
+pub mod crypto;
 pub mod driver;
 pub mod engine;
 pub mod net;

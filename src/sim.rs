@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::rc::Rc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -42,8 +43,16 @@ pub trait Gateway {
     fn is_idle(&self) -> bool;
     /// What survives a crash.
     fn persisted(&self) -> Persisted;
+    /// Back to its periodic rhythm (for gwsync: the Trickle interval is
+    /// at `Imax` again).
+    fn at_steady_state(&self) -> bool {
+        true
+    }
     /// The gwsync engine behind this gateway, for inspection.
     fn engine(&self) -> Option<&Engine> {
+        None
+    }
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
         None
     }
 }
@@ -115,7 +124,13 @@ impl Gateway for Engine {
             blob: Vec::new(),
         }
     }
+    fn at_steady_state(&self) -> bool {
+        self.trickle_interval_ms() >= self.config().trickle.imax_ms
+    }
     fn engine(&self) -> Option<&Engine> {
+        Some(self)
+    }
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
         Some(self)
     }
 }
@@ -172,7 +187,7 @@ pub struct Traffic {
 }
 
 /// A datagram copy on the wire: (delivery time, tie-break, receiver, bytes).
-type InFlight = (u64, u64, usize, Vec<u8>);
+type InFlight = (u64, u64, usize, Rc<[u8]>);
 
 /// A simulated LAN of gateways.
 pub struct Sim {
@@ -184,6 +199,8 @@ pub struct Sim {
     in_flight: BinaryHeap<Reverse<InFlight>>,
     sequence: u64,
     traffic: Traffic,
+    /// Every datagram sent, when capturing (what a tcpdump would see).
+    capture: Option<Vec<Rc<[u8]>>>,
 }
 
 impl Sim {
@@ -198,6 +215,7 @@ impl Sim {
             in_flight: BinaryHeap::new(),
             sequence: 0,
             traffic: Traffic::default(),
+            capture: None,
         };
         for _ in 0..n {
             sim.add_node();
@@ -239,6 +257,15 @@ impl Sim {
 
     pub fn traffic(&self) -> Traffic {
         self.traffic
+    }
+
+    /// Starts keeping a copy of every datagram sent from now on.
+    pub fn start_capture(&mut self) {
+        self.capture.get_or_insert_with(Vec::new);
+    }
+
+    pub fn captured(&self) -> &[Rc<[u8]>] {
+        self.capture.as_deref().unwrap_or_default()
     }
 
     pub fn set_medium(&mut self, medium: Medium) {
@@ -335,6 +362,10 @@ impl Sim {
     }
 
     fn multicast(&mut self, from: usize, bytes: Vec<u8>) {
+        let bytes: Rc<[u8]> = bytes.into();
+        if let Some(capture) = self.capture.as_mut() {
+            capture.push(bytes.clone());
+        }
         self.traffic.datagrams += 1;
         self.traffic.bytes += bytes.len() as u64;
         let partition = self.nodes[from].partition;
@@ -445,6 +476,16 @@ impl Sim {
                 .all(|gateway| gateway.is_idle())
     }
 
+    /// Quiet, and every gateway back at its periodic rhythm.
+    pub fn settled(&self) -> bool {
+        self.quiet()
+            && self
+                .nodes
+                .iter()
+                .filter_map(|node| node.gateway.as_ref())
+                .all(|gateway| gateway.at_steady_state())
+    }
+
     /// Runs until `condition` holds, checking after every event; returns the
     /// virtual time it took, or `None` if `limit_ms` passed first (a run that
     /// never settles fails instead of hanging).
@@ -493,6 +534,9 @@ pub struct BareMethod {
     interval_ms: u64,
     datagram_bytes_max: usize,
     outbox: Vec<Vec<u8>>,
+    /// Writes wait for the current input to end, so a burst of writes goes
+    /// out as one request, as gwsync's push coalescing does.
+    request_pending: bool,
     /// Transfers being received: (sender, version) -> (chunk count, chunks).
     partial: BTreeMap<(NodeId, u64), PartialSet>,
 }
@@ -518,6 +562,7 @@ impl BareMethod {
             interval_ms,
             datagram_bytes_max,
             outbox: Vec::new(),
+            request_pending: false,
             partial: BTreeMap::new(),
         }
     }
@@ -619,6 +664,9 @@ impl Gateway for BareMethod {
     }
 
     fn handle_timeout(&mut self, now: u64) {
+        if std::mem::take(&mut self.request_pending) {
+            self.request();
+        }
         if now >= self.next_request {
             self.request();
             let half = self.interval_ms / 2;
@@ -635,7 +683,11 @@ impl Gateway for BareMethod {
     }
 
     fn poll_timeout(&self) -> u64 {
-        self.next_request
+        if self.request_pending {
+            0
+        } else {
+            self.next_request
+        }
     }
 
     fn write(&mut self, _now: u64, _wall_ms: u64, key: &str, value: Option<&[u8]>) {
@@ -644,7 +696,7 @@ impl Gateway for BareMethod {
             None => self.data.remove(key),
         };
         self.version = (self.version.0 + 1, self.node_id);
-        self.request();
+        self.request_pending = true;
     }
 
     fn trigger(&mut self, _now: u64) {
@@ -662,7 +714,7 @@ impl Gateway for BareMethod {
     }
 
     fn is_idle(&self) -> bool {
-        self.outbox.is_empty()
+        self.outbox.is_empty() && !self.request_pending
     }
 
     fn persisted(&self) -> Persisted {

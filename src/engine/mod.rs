@@ -19,6 +19,7 @@ use std::str::FromStr;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::crypto::{Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD};
 use crate::wire::{
     self, BUCKET_DIGEST_LEN, BUCKET_DIGESTS_PREFIX, BucketDigests, DecodeError, ENTRIES_PREFIX_MAX,
     Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, RepairTag, Summary,
@@ -88,11 +89,19 @@ pub struct Config {
     /// Gap between repair datagrams from one gateway, so a large repair does
     /// not flood a Wi-Fi multicast link.
     pub repair_datagram_interval_ms: u64,
-    /// A write pushed within this long after a lost datagram was noticed
-    /// also resets the Trickle timer, so peers that lost the push hear a
-    /// summary soon. On a clean LAN the push alone is the whole update.
+    /// A write pushed within this long after a lost datagram (or a
+    /// difference that needed repair) was noticed is followed by a few tail
+    /// summaries, so a peer that lost the push notices soon. On a clean LAN
+    /// the push alone is the whole update.
     pub loss_memory_ms: u64,
+    /// How many tail summaries follow a push on a lossy LAN; they go out
+    /// after about `Imin`, `2 Imin`, `4 Imin`..., each skipped when a
+    /// summary equal to ours was heard since the previous one.
+    pub tail_summaries: u32,
     pub peers_max: usize,
+    /// Datagrams one sender may have accepted per second (and in a burst).
+    /// A repair sends about 1 / `repair_datagram_interval_ms` per ms.
+    pub sender_datagrams_per_sec_max: u32,
     /// How often expired tombstones are purged.
     pub purge_interval_ms: u64,
 }
@@ -110,11 +119,13 @@ impl Default for Config {
             seal_overhead_bytes: 0,
             store: StoreLimits::default(),
             reassembly: ReassemblyLimits::default(),
-            quiet_period_ms: 200_000,
+            quiet_period_ms: 320_000,
             response_window_ms: 40,
             repair_datagram_interval_ms: 2,
-            loss_memory_ms: 600_000,
+            loss_memory_ms: 3_600_000,
+            tail_summaries: 3,
             peers_max: 256,
+            sender_datagrams_per_sec_max: 2_000,
             purge_interval_ms: 60_000,
         }
     }
@@ -181,8 +192,12 @@ pub enum DropReason {
     Decode(DecodeError),
     /// Our own datagram, looped back.
     Own,
-    /// A repeated (boot, sequence) from one sender.
-    Replay,
+    /// A repeated or too old (boot, sequence) from one sender.
+    Replay(ReplayError),
+    /// Failed to authenticate or decrypt under the group key.
+    Crypto(CryptoError),
+    /// The sender passed `sender_datagrams_per_sec_max`.
+    RateLimited,
     /// An entry over a store limit.
     OverLimit,
     /// A fragment over a reassembly limit.
@@ -196,7 +211,9 @@ impl DropReason {
         match self {
             DropReason::Decode(error) => error.name(),
             DropReason::Own => "own",
-            DropReason::Replay => "replay",
+            DropReason::Replay(error) => error.name(),
+            DropReason::Crypto(error) => error.name(),
+            DropReason::RateLimited => "rate_limited",
             DropReason::OverLimit => "over_limit",
             DropReason::ReassemblyFull => "reassembly_full",
             DropReason::PeerEvicted => "peer_evicted",
@@ -227,70 +244,46 @@ pub struct Counters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
     pub last_heard: u64,
-    pub boot: u32,
-    pub window: SeqWindow,
+    pub window: ReplayWindow,
+    /// Token bucket of datagrams this sender may still send (one token per
+    /// millisecond up to the per-second limit), so a flood from one sender
+    /// costs the others nothing.
+    tokens: u32,
+    tokens_at: u64,
 }
 
 impl Peer {
-    fn new(now: u64, header: &Header) -> Peer {
+    fn new(now: u64, header: &Header, rate_max: u32) -> Peer {
         Peer {
             last_heard: now,
-            boot: header.boot,
-            window: SeqWindow::starting_at(header.seq),
-        }
-    }
-}
-
-/// How a sequence number relates to those already seen from one sender.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accepted {
-    /// The next one expected.
-    InOrder,
-    /// Newer, with a gap before it: something was lost (or is late).
-    AfterGap,
-    /// Older than the newest, not seen before, inside the window.
-    Late,
-    /// Seen before, or too old to tell.
-    Replay,
-}
-
-/// A sliding window over one sender's sequence numbers (the anti-replay
-/// window of RFC 4303 section 3.4.3): accepts each number once, tolerates
-/// reordering within 64 datagrams, and notices gaps (loss).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeqWindow {
-    newest: u32,
-    /// Bit `i` set: `newest - i` was seen.
-    seen: u64,
-}
-
-impl SeqWindow {
-    pub fn starting_at(seq: u32) -> SeqWindow {
-        SeqWindow {
-            newest: seq,
-            seen: 1,
+            window: ReplayWindow::new(header.boot, header.seq),
+            tokens: rate_max,
+            tokens_at: now,
         }
     }
 
-    pub fn accept(&mut self, seq: u32) -> Accepted {
-        if seq > self.newest {
-            let shift = seq - self.newest;
-            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
-            self.seen |= 1;
-            self.newest = seq;
-            return if shift == 1 {
-                Accepted::InOrder
-            } else {
-                Accepted::AfterGap
-            };
+    fn take_token(&mut self, now: u64, rate_max: u32) -> bool {
+        let elapsed = now.saturating_sub(self.tokens_at);
+        let refill = (elapsed.saturating_mul(rate_max as u64) / 1000).min(rate_max as u64) as u32;
+        if refill > 0 {
+            self.tokens = self.tokens.saturating_add(refill).min(rate_max);
+            self.tokens_at = now;
         }
-        let age = self.newest - seq;
-        if age >= 64 || self.seen & (1 << age) != 0 {
-            return Accepted::Replay;
+        if self.tokens == 0 {
+            return false;
         }
-        self.seen |= 1 << age;
-        Accepted::Late
+        self.tokens -= 1;
+        true
     }
+}
+
+/// Summaries scheduled after a push on a lossy LAN.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    due: u64,
+    gap_ms: u64,
+    remaining: u32,
+    consistent_heard: bool,
 }
 
 /// The sync engine of one gateway.
@@ -317,7 +310,13 @@ pub struct Engine {
     config: Config,
     node_id: NodeId,
     boot: u32,
+    /// Our boot id before the sequence number wrapped, still ours.
+    previous_boot: Option<u32>,
     seq: u32,
+    keyring: Option<Keyring>,
+    /// Nonces come from their own generator: the engine's `rng` is seeded
+    /// from 64 bits for replayable simulation, too few for nonces.
+    nonce_rng: StdRng,
     clock: Clock,
     store: Store,
     rng: StdRng,
@@ -333,6 +332,7 @@ pub struct Engine {
     repair_queue: BTreeSet<u16>,
     repair_due: Option<u64>,
     loss_seen_at: Option<u64>,
+    tail: Option<Tail>,
     purge_due: u64,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
@@ -349,7 +349,10 @@ impl Engine {
         Engine {
             node_id,
             boot: rng.random(),
+            previous_boot: None,
             seq: 0,
+            keyring: None,
+            nonce_rng: StdRng::seed_from_u64(seed ^ 0x6e6f_6e63_6573_0000),
             clock: Clock::default(),
             store: Store::new(config.store),
             trickle,
@@ -362,6 +365,7 @@ impl Engine {
             repair_queue: BTreeSet::new(),
             repair_due: None,
             loss_seen_at: None,
+            tail: None,
             purge_due: now + config.purge_interval_ms,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -388,6 +392,19 @@ impl Engine {
         }
         self.clock
             .observe(clock_high_water.max(self.store.max_hlc()));
+    }
+
+    /// Seals every datagram sent with the keyring's primary key and accepts
+    /// only datagrams that open under one of its keys; `None` makes the group
+    /// open again. `nonce_rng` must be seeded from the OS in production.
+    pub fn set_keyring(&mut self, keyring: Option<Keyring>, nonce_rng: StdRng) {
+        self.config.seal_overhead_bytes = if keyring.is_some() { SEAL_OVERHEAD } else { 0 };
+        self.keyring = keyring;
+        self.nonce_rng = nonce_rng;
+    }
+
+    pub fn is_keyed(&self) -> bool {
+        self.keyring.is_some()
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -511,6 +528,7 @@ impl Engine {
         [
             Some(self.trickle.next_deadline()),
             self.push_due,
+            self.tail.map(|tail| tail.due),
             self.bucket_digests_due.map(|(due, _)| due),
             self.repair_due,
             self.reassembly.next_deadline(),
@@ -532,6 +550,16 @@ impl Engine {
         if self.trickle.on_timeout(now, &mut self.rng) {
             self.send_summary();
         }
+        if let Some(mut tail) = self.tail.filter(|tail| tail.due <= now) {
+            if !tail.consistent_heard {
+                self.send_summary();
+            }
+            tail.remaining -= 1;
+            tail.consistent_heard = false;
+            tail.gap_ms *= 2;
+            tail.due = now + tail.gap_ms;
+            self.tail = (tail.remaining > 0).then_some(tail);
+        }
         if let Some((due, against)) = self.bucket_digests_due {
             if due <= now {
                 self.bucket_digests_due = None;
@@ -546,10 +574,13 @@ impl Engine {
         }
         self.reassembly.expire(now);
         if now >= self.last_heard_other + self.config.quiet_period_ms {
+            // Method step 5. A single summary, not a Trickle reset: the one
+            // gateway whose summaries always suppress everyone else's hears
+            // nothing either, and a reset would cost the group a burst.
             self.last_heard_other = now;
             self.counters.socket_rebuilds += 1;
             self.events.push_back(Event::RebuildSocket);
-            self.trickle.reset(now, &mut self.rng);
+            self.send_summary();
         }
         if now >= self.purge_due {
             self.purge_due = now + self.config.purge_interval_ms;
@@ -563,19 +594,18 @@ impl Engine {
     pub fn handle_datagram(&mut self, now: u64, bytes: &[u8]) {
         self.counters.datagrams_received += 1;
         self.counters.bytes_received += bytes.len() as u64;
-        let (header, message) = match wire::decode(bytes) {
+        let (header, message) = match self.open(bytes) {
             Ok(decoded) => decoded,
-            Err(error) => return self.count_drop(DropReason::Decode(error)),
+            Err(reason) => return self.count_drop(reason),
         };
+        // Only now, with the header authenticated (when keyed), may a
+        // datagram claiming our id make us change it.
         if header.sender == self.node_id {
-            if header.boot == self.boot {
-                return self.count_drop(DropReason::Own);
-            }
             self.resolve_node_id_clash();
             return;
         }
-        if !self.hear_peer(now, &header) {
-            return self.count_drop(DropReason::Replay);
+        if let Err(reason) = self.hear_peer(now, &header) {
+            return self.count_drop(reason);
         }
         match message {
             Message::Summary(summary) => self.on_summary(now, summary),
@@ -583,6 +613,25 @@ impl Engine {
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
             Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
         }
+    }
+
+    /// Decodes (and with a key, authenticates and decrypts) a datagram.
+    fn open(&self, bytes: &[u8]) -> Result<(Header, Message), DropReason> {
+        let header = Header::parse(bytes).map_err(DropReason::Decode)?;
+        let own_boot = header.boot == self.boot || Some(header.boot) == self.previous_boot;
+        if header.sender == self.node_id && own_boot {
+            return Err(DropReason::Own);
+        }
+        let Some(keyring) = &self.keyring else {
+            return wire::decode(bytes).map_err(DropReason::Decode);
+        };
+        if header.flags & wire::FLAG_ENCRYPTED == 0 {
+            return Err(DropReason::Decode(DecodeError::Unencrypted));
+        }
+        let payload = keyring.open(bytes).map_err(DropReason::Crypto)?;
+        let message =
+            Message::parse_payload(header.message_type, &payload).map_err(DropReason::Decode)?;
+        Ok((header, message))
     }
 
     fn count_drop(&mut self, reason: DropReason) {
@@ -602,21 +651,24 @@ impl Engine {
         self.events.push_back(Event::NodeIdClash { old, new });
     }
 
-    /// Records a datagram from a peer; `false` when it repeats one already
-    /// seen (a duplicate or a replay).
-    fn hear_peer(&mut self, now: u64, header: &Header) -> bool {
-        self.last_heard_other = now;
+    /// Records an authenticated datagram from a peer, or says why it must
+    /// be dropped: a replay or a flood changes nothing, not even the
+    /// quiet-period timer.
+    fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
+        let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
         match self.peers.get_mut(&header.sender) {
-            Some(peer) if peer.boot == header.boot => {
-                peer.last_heard = now;
-                match peer.window.accept(header.seq) {
-                    Accepted::Replay => return false,
-                    Accepted::AfterGap => self.loss_seen_at = Some(now),
-                    Accepted::InOrder | Accepted::Late => {}
-                }
-            }
             Some(peer) => {
-                *peer = Peer::new(now, header);
+                let mut window = peer.window;
+                match window.check(header.boot, header.seq) {
+                    Err(error) => return Err(DropReason::Replay(error)),
+                    Ok(Accepted::Skipped { .. }) => self.loss_seen_at = Some(now),
+                    Ok(Accepted::Next | Accepted::Reordered | Accepted::NewBoot) => {}
+                }
+                if !peer.take_token(now, rate_max) {
+                    return Err(DropReason::RateLimited);
+                }
+                peer.window = window;
+                peer.last_heard = now;
             }
             None => {
                 if self.peers.len() >= self.config.peers_max {
@@ -630,20 +682,26 @@ impl Engine {
                     self.count_drop(DropReason::PeerEvicted);
                 }
                 if self.config.peers_max > 0 {
-                    self.peers.insert(header.sender, Peer::new(now, header));
+                    self.peers
+                        .insert(header.sender, Peer::new(now, header, rate_max));
                 }
                 self.events.push_back(Event::PeerDiscovered(header.sender));
             }
         }
-        true
+        self.last_heard_other = now;
+        Ok(())
     }
 
     fn on_summary(&mut self, now: u64, summary: Summary) {
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
             self.trickle.hear_consistent();
+            if let Some(tail) = self.tail.as_mut() {
+                tail.consistent_heard = true;
+            }
             return;
         }
+        self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
         // digests; whichever side holds newer buckets then sends them.
         self.trickle.reset(now, &mut self.rng);
@@ -796,8 +854,15 @@ impl Engine {
     }
 
     fn send(&mut self, message: &Message) {
-        self.seq = self.seq.wrapping_add(1);
-        let header = Header {
+        if self.seq == u32::MAX {
+            // A sequence never wraps within a boot, or replay windows would
+            // refuse what follows: take a new boot id instead.
+            self.previous_boot = Some(self.boot);
+            self.boot = self.rng.random();
+            self.seq = 0;
+        }
+        self.seq += 1;
+        let mut header = Header {
             message_type: message.message_type(),
             flags: 0,
             key_id: 0,
@@ -805,7 +870,20 @@ impl Engine {
             boot: self.boot,
             seq: self.seq,
         };
-        let bytes = wire::encode(&header, message);
+        let bytes = match &self.keyring {
+            None => wire::encode(&header, message),
+            Some(keyring) => {
+                header.flags = wire::FLAG_ENCRYPTED;
+                header.key_id = keyring.primary_id();
+                let mut head = Vec::with_capacity(HEADER_LEN);
+                header.emit(&mut head);
+                let head: [u8; HEADER_LEN] =
+                    head.try_into().expect("the header is HEADER_LEN bytes");
+                let mut payload = Vec::with_capacity(256);
+                message.emit_payload(&mut payload);
+                keyring.seal(&head, &payload, &mut self.nonce_rng)
+            }
+        };
         self.counters.datagrams_sent += 1;
         self.counters.bytes_sent += bytes.len() as u64;
         match message {
@@ -839,11 +917,17 @@ impl Engine {
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
-        if self
+        let lossy = self
             .loss_seen_at
-            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms)
-        {
-            self.trickle.reset(now, &mut self.rng);
+            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms);
+        if lossy && self.config.tail_summaries > 0 {
+            let imin = self.config.trickle.imin_ms.max(1);
+            self.tail = Some(Tail {
+                due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
+                gap_ms: imin,
+                remaining: self.config.tail_summaries,
+                consistent_heard: false,
+            });
         }
     }
 
@@ -964,23 +1048,6 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seq_window_accepts_each_number_once_and_notices_gaps() {
-        let mut window = SeqWindow::starting_at(10);
-        assert_eq!(window.accept(11), Accepted::InOrder);
-        assert_eq!(window.accept(14), Accepted::AfterGap);
-        assert_eq!(window.accept(12), Accepted::Late);
-        assert_eq!(window.accept(12), Accepted::Replay);
-        assert_eq!(window.accept(10), Accepted::Replay);
-        assert_eq!(window.accept(200), Accepted::AfterGap);
-        assert_eq!(
-            window.accept(136),
-            Accepted::Replay,
-            "older than the window"
-        );
-        assert_eq!(window.accept(137), Accepted::Late);
-    }
 
     #[test]
     fn own_datagrams_are_dropped_and_a_clashing_id_is_replaced() {

@@ -105,6 +105,12 @@ impl Reassembly {
         value_bytes_max: usize,
     ) -> Result<Option<Vec<u8>>, FragmentRejected> {
         let total = fragment.total_len as usize;
+        // The decoder checks this too; checking here keeps the buffer
+        // arithmetic below safe whoever builds the fragment.
+        let end = fragment.offset as u64 + fragment.chunk.len() as u64;
+        if fragment.chunk.is_empty() || end > total as u64 {
+            return Err(FragmentRejected::Inconsistent);
+        }
         if total > value_bytes_max {
             return Err(FragmentRejected::ValueTooLarge);
         }
