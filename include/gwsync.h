@@ -221,9 +221,10 @@ int gwsync_set(gwsync_t *g,
  * a new string the caller owns and frees with `gwsync_free`. Written only
  * on success.
  *
- * Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value;
- * GWSYNC_ERR_INVALID: a NULL argument, a key that is not UTF-8 or empty;
- * GWSYNC_ERR_STATE: the handle is shut down.
+ * Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value (so
+ * also for a key over the length limit); GWSYNC_ERR_INVALID: a NULL
+ * argument, a key that is not UTF-8 or empty; GWSYNC_ERR_STATE: the
+ * handle is shut down.
  *
  * # Safety
  * `g` is NULL or a live handle; `key` is NULL or a NUL-terminated
@@ -237,9 +238,10 @@ int gwsync_get(const gwsync_t *g,
  * Deletes `key` on every gateway (a tombstone: an older copy cannot bring
  * it back). `key` is borrowed for the call.
  *
- * Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value;
- * GWSYNC_ERR_INVALID: a NULL argument, a key that is not UTF-8 or empty;
- * GWSYNC_ERR_TOO_LARGE: key over the limit; GWSYNC_ERR_STATE: shut down.
+ * Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value (so
+ * also for a key over the length limit); GWSYNC_ERR_INVALID: a NULL
+ * argument, a key that is not UTF-8 or empty; GWSYNC_ERR_STATE: shut
+ * down.
  *
  * # Safety
  * `g` is NULL or a live handle; `key` is NULL or a NUL-terminated string.

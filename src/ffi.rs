@@ -728,9 +728,7 @@ fn shutdown(g: &gwsync_t) -> Result<(), Error> {
     }
     let mut core = g.shared.core.lock_even_poisoned();
     // Dropping the driver flushes pending state to the state directory.
-    if let Some(mut driver) = core.driver.take() {
-        driver.flush();
-    }
+    drop(core.driver.take());
     Ok(())
 }
 
@@ -820,9 +818,10 @@ pub unsafe extern "C" fn gwsync_set(
 /// a new string the caller owns and frees with `gwsync_free`. Written only
 /// on success.
 ///
-/// Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value;
-/// GWSYNC_ERR_INVALID: a NULL argument, a key that is not UTF-8 or empty;
-/// GWSYNC_ERR_STATE: the handle is shut down.
+/// Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value (so
+/// also for a key over the length limit); GWSYNC_ERR_INVALID: a NULL
+/// argument, a key that is not UTF-8 or empty; GWSYNC_ERR_STATE: the
+/// handle is shut down.
 ///
 /// # Safety
 /// `g` is NULL or a live handle; `key` is NULL or a NUL-terminated
@@ -853,9 +852,10 @@ pub unsafe extern "C" fn gwsync_get(
 /// Deletes `key` on every gateway (a tombstone: an older copy cannot bring
 /// it back). `key` is borrowed for the call.
 ///
-/// Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value;
-/// GWSYNC_ERR_INVALID: a NULL argument, a key that is not UTF-8 or empty;
-/// GWSYNC_ERR_TOO_LARGE: key over the limit; GWSYNC_ERR_STATE: shut down.
+/// Returns GWSYNC_OK; GWSYNC_ERR_NOT_FOUND: the key holds no value (so
+/// also for a key over the length limit); GWSYNC_ERR_INVALID: a NULL
+/// argument, a key that is not UTF-8 or empty; GWSYNC_ERR_STATE: shut
+/// down.
 ///
 /// # Safety
 /// `g` is NULL or a live handle; `key` is NULL or a NUL-terminated string.

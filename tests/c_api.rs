@@ -21,7 +21,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::unique_port;
+use common::{TempDir, unique_port};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
 /// valgrind runs code 20 to 100 times slower.
@@ -439,7 +439,8 @@ fn every_call_returns_its_documented_error() {
     }
     let exe = compile("tests/c/api_contract.c");
     let mut command = Command::new(exe);
-    command.arg(unique_port().to_string());
+    let state = TempDir::new("c-api-contract");
+    command.arg(unique_port().to_string()).arg(state.path());
     let mut program = Program::spawn("api_contract", command, SYNC_TIMEOUT);
     program.expect("the ok line", |line| line.starts_with("ok: "));
     program.wait();
@@ -452,7 +453,8 @@ fn api_contract_is_clean_under_memcheck() {
     }
     let exe = compile("tests/c/api_contract.c");
     let mut command = memcheck(&exe);
-    command.arg(unique_port().to_string());
+    let state = TempDir::new("c-api-memcheck");
+    command.arg(unique_port().to_string()).arg(state.path());
     let mut program = Program::spawn("api_contract under memcheck", command, VALGRIND_TIMEOUT);
     program.expect("the ok line", |line| line.starts_with("ok: "));
     let (_, stderr) = program.wait();
