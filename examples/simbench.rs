@@ -64,7 +64,8 @@ struct Row {
     converge_ms_p99: u64,
     steady_datagrams_per_interval: f64,
     join_bytes_ratio: f64,
-    join_converge_ms: u64,
+    /// `None`: some join did not converge within `JOIN_LIMIT_MS`.
+    join_converge_ms: Option<u64>,
     partition_writes_kept: usize,
     seeds: u64,
 }
@@ -159,8 +160,19 @@ fn measure_updates(
     figures
 }
 
-/// Returns (bytes sent by everyone / store bytes, virtual ms to converge).
-fn measure_join(system: System, config: &Config, n: usize, loss: u32, seed: u64) -> (f64, u64) {
+/// How long a join may take before it counts as never converging. The bare
+/// method at 10 % loss needs every one of ~800 datagrams of one transfer.
+const JOIN_LIMIT_MS: u64 = 10 * 60_000;
+
+/// Returns (bytes sent by everyone / store bytes, virtual ms to converge);
+/// the time is `None` when the joiner had not converged by the limit.
+fn measure_join(
+    system: System,
+    config: &Config,
+    n: usize,
+    loss: u32,
+    seed: u64,
+) -> (f64, Option<u64>) {
     let medium = Medium {
         loss_percent: loss,
         ..Medium::default()
@@ -187,11 +199,9 @@ fn measure_join(system: System, config: &Config, n: usize, loss: u32, seed: u64)
     let before = sim.traffic();
     let joiner = sim.add_node();
     sim.trigger(joiner);
-    let took = sim
-        .run_until_condition(LIMIT_MS, |sim| {
-            sim.gateway(joiner).is_some_and(|g| g.data() == expected)
-        })
-        .unwrap_or_else(|| panic!("{} n={n} seed={seed}: join did not converge", system.name()));
+    let took = sim.run_until_condition(JOIN_LIMIT_MS, |sim| {
+        sim.gateway(joiner).is_some_and(|g| g.data() == expected)
+    });
     let bytes = sim.traffic().bytes - before.bytes;
     (bytes as f64 / store_bytes as f64, took)
 }
@@ -238,7 +248,7 @@ fn run_row(system: System, config: &Config, n: usize, loss: u32, seeds: u64) -> 
     }
     converge.sort_unstable();
     let join_seeds = if n >= 128 { 1 } else { seeds.min(2) };
-    let joins: Vec<(f64, u64)> = (0..join_seeds)
+    let joins: Vec<(f64, Option<u64>)> = (0..join_seeds)
         .map(|seed| measure_join(system, config, n, loss, seed))
         .collect();
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
@@ -253,7 +263,11 @@ fn run_row(system: System, config: &Config, n: usize, loss: u32, seeds: u64) -> 
         converge_ms_p99: percentile(&converge, 99.0),
         steady_datagrams_per_interval: mean(&steady),
         join_bytes_ratio: mean(&joins.iter().map(|j| j.0).collect::<Vec<_>>()),
-        join_converge_ms: joins.iter().map(|j| j.1).max().unwrap_or(0),
+        join_converge_ms: joins
+            .iter()
+            .map(|j| j.1)
+            .collect::<Option<Vec<u64>>>()
+            .map(|t| t.into_iter().max().unwrap_or(0)),
         partition_writes_kept: if loss == 0 {
             measure_partition(system, config, n, 0)
         } else {
@@ -334,7 +348,8 @@ fn main() {
                         row.converge_ms_p99,
                         row.steady_datagrams_per_interval,
                         row.join_bytes_ratio,
-                        row.join_converge_ms,
+                        row.join_converge_ms
+                            .map_or("never".into(), |ms| ms.to_string()),
                         kept,
                         row.seeds
                     );

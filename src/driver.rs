@@ -51,6 +51,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use crate::crypto::{GroupKey, Keyring};
 use crate::engine::{self, Engine, Event, NodeId, TriggerReason, WriteError};
 use crate::net::{self, GroupSocket, LinkWatch, Received};
 use crate::persist::{self, Debounce, Loaded, StateDir};
@@ -77,7 +78,7 @@ pub struct DriverConfig {
     pub port: u16,
     /// Where the node id and state live; `None`: memory only.
     pub state_dir: Option<PathBuf>,
-    /// The group key (32 bytes). Kept for the security layer; not used yet.
+    /// The group key (32 bytes): every datagram is sealed and checked with it.
     pub key: Option<[u8; 32]>,
     /// Overrides the persisted node id.
     pub node_id: Option<NodeId>,
@@ -263,8 +264,12 @@ impl Driver {
                 ),
             }
         }
-        if config.key.is_none() {
-            log::warn!("no group key: datagrams are neither authenticated nor encrypted");
+        match config.key {
+            Some(key) => {
+                let keyring = Keyring::new(&GroupKey::from_bytes(key));
+                engine.set_keyring(Some(keyring), StdRng::from_os_rng());
+            }
+            None => log::warn!("no group key: datagrams are neither authenticated nor encrypted"),
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|errno| OpenError::Poll(errno.into()))?;
@@ -845,7 +850,7 @@ impl Driver {
             "uptime_ms": now,
             "interfaces": interfaces,
             "socket_open": self.socket.is_some(),
-            "keyed": self.config.key.is_some(),
+            "keyed": self.engine.is_keyed(),
             "peers": peers,
             "digest": format!("{:016x}", store.digest()),
             "entries": store.len(),

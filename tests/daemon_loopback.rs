@@ -237,3 +237,44 @@ fn demo_converges_to_version_3() {
         demo.stdout
     );
 }
+
+#[test]
+fn only_daemons_with_the_group_key_share_data() {
+    let dir = TempDir::new("keyed");
+    let key_file = dir.path().join("group.key");
+    std::fs::write(&key_file, gwsync(&["genkey"]).stdout).unwrap();
+    let port = unique_port().to_string();
+    let keyed_args = [
+        "--interface",
+        "lo",
+        "--port",
+        &port,
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ];
+    let a = Daemon::start(dir.path(), "keyed-a", None, &keyed_args);
+    let b = Daemon::start(dir.path(), "keyed-b", None, &keyed_args);
+    let outsider = Daemon::start(
+        dir.path(),
+        "outsider",
+        None,
+        &["--interface", "lo", "--port", &port],
+    );
+    assert_eq!(a.status()["keyed"], true);
+    a.set("secret", r#""s3""#);
+    wait_until("b has the keyed write", SYNC_TIMEOUT, || {
+        b.get("secret").as_deref() == Some(r#""s3""#)
+    });
+    outsider.set("open", "1");
+    wait_until(
+        "a drops the outsider's unsealed datagrams",
+        SYNC_TIMEOUT,
+        || {
+            a.status()["counters"]["dropped"]
+                .as_object()
+                .is_some_and(|dropped| !dropped.is_empty())
+        },
+    );
+    assert_eq!(outsider.get("secret"), None);
+    assert_eq!(a.get("open"), None);
+}

@@ -15,7 +15,6 @@ use gwsync::control::{self, ControlServer};
 use gwsync::driver::{self, Driver, DriverConfig};
 use gwsync::engine::{NodeId, TriggerReason};
 use gwsync::net;
-use gwsync::persist;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -258,17 +257,15 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
     Ok(options)
 }
 
-fn read_key_file(path: &PathBuf) -> Result<[u8; 32], Failure> {
-    let text = std::fs::read_to_string(path)
+/// Uses the security layer's loader, so the daemon and the C API accept
+/// (and warn about) exactly the same key files.
+fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Failure> {
+    let (key, warning) = gwsync::crypto::load_key_file(path)
         .map_err(|failure| error(format!("key file {}: {failure}", path.display())))?;
-    persist::decode_hex(text.trim())
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| {
-            error(format!(
-                "key file {}: expected 64 hex digits (see gwsync genkey)",
-                path.display()
-            ))
-        })
+    if let Some(warning) = warning {
+        log::warn!("key file {}: {warning}", path.display());
+    }
+    Ok(*key.as_bytes())
 }
 
 fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure> {
