@@ -360,12 +360,22 @@ fn node_id(index: u64) -> String {
 /// tests/c/node.c on `port` with id [`node_id`]`(index)`, optionally run
 /// through `wrap` (valgrind).
 fn start_node(port: u16, index: u64, wrap: Option<fn(&Path) -> Command>) -> Program {
+    start_node_keyed(port, index, wrap, None)
+}
+
+fn start_node_keyed(
+    port: u16,
+    index: u64,
+    wrap: Option<fn(&Path) -> Command>,
+    key_file: Option<&Path>,
+) -> Program {
     let exe = compile("tests/c/node.c");
     let mut command = match wrap {
         Some(wrap) => wrap(&exe),
         None => Command::new(&exe),
     };
     command.arg(port.to_string()).arg(node_id(index));
+    command.args(key_file);
     let timeout = if wrap.is_some() {
         VALGRIND_TIMEOUT
     } else {
@@ -496,6 +506,41 @@ fn three_c_processes_converge_and_a_delete_propagates() {
     }
     for node in nodes {
         node.wait();
+    }
+}
+
+#[test]
+fn keyed_c_processes_sync_and_an_unkeyed_one_learns_nothing() {
+    if !can_build_c() {
+        return;
+    }
+    let dir = TempDir::new("c-api-keyed");
+    let key_file = dir.path().join("key");
+    let key: String = (0..32)
+        .map(|byte| format!("{:02x}", byte * 7 + 1))
+        .collect();
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let port = unique_port();
+    let mut unkeyed = start_node(port, 0, None);
+    let mut writer = start_node_keyed(port, 1, None, Some(&key_file));
+    let mut reader = start_node_keyed(port, 2, None, Some(&key_file));
+
+    writer.ask(r#"set secret/code 1234"#, &["ok set"]);
+    reader.expect_line(&change("secret/code", &node_id(1), Some("1234")));
+    // The unkeyed node heard the same push (one loopback, one group) and
+    // could not open it.
+    assert_eq!(
+        unkeyed.ask("get secret/code", &["value", "notfound", "err"]),
+        "notfound"
+    );
+    for node in [unkeyed, writer, reader] {
+        let (_, stderr) = node.wait();
+        assert!(!stderr.contains("may read the group key"), "{stderr}");
     }
 }
 

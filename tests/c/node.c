@@ -7,7 +7,7 @@
  *   quit / EOF     ->  closes the handle and exits 0
  *
  * Every change callback prints "change KEY ORIGIN VALUE", VALUE being
- * "(deleted)" for a delete. Usage: node PORT NODE_ID
+ * "(deleted)" for a delete. Usage: node PORT NODE_ID [KEY_FILE]
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -66,16 +66,19 @@ static void command(gwsync_t *g, char *line)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: node PORT NODE_ID\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: node PORT NODE_ID [KEY_FILE]\n");
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    char config[256];
+    char key[300] = "";
+    if (argc == 4)
+        snprintf(key, sizeof key, ",\"key_file\":\"%s\"", argv[3]);
+    char config[512];
     snprintf(config, sizeof config,
              "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\","
-             "\"log_level\":\"warn\"}",
-             argv[1], argv[2]);
+             "\"log_level\":\"%s\"%s}",
+             argv[1], argv[2], argc == 4 ? "warn" : "error", key);
     gwsync_t *g = gwsync_open(config);
     if (!g) {
         fprintf(stderr, "gwsync_open: %s\n", gwsync_last_error());
