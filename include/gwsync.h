@@ -67,8 +67,8 @@
 
 /**
  * gwsync hit an internal error (a Rust panic, caught at the boundary).
- * The handle is unusable afterwards: every call on it returns this code;
- * `gwsync_close` still frees it.
+ * When it struck while the handle was in use, every later call on that
+ * handle returns this code too; `gwsync_close` still frees it.
  */
 #define GWSYNC_ERR_PANIC -8
 
@@ -95,7 +95,10 @@
 
 /**
  * One gateway: an opaque handle from `gwsync_open`, freed by
- * `gwsync_close`.
+ * `gwsync_close`. Calls on one handle lock it, so they are safe from any
+ * thread in both modes; in poll mode the change callback runs only
+ * inside `gwsync_process`, and a write from another thread is pushed at
+ * the loop's next `gwsync_process`.
  */
 typedef struct gwsync_t gwsync_t;
 
@@ -167,7 +170,7 @@ gwsync_t *gwsync_open(const char *config_json);
 
 /**
  * Stops the handle without freeing it: stops the background thread (if
- * any, waiting for it), writes pending state to the state directory and
+ * any, waiting for a running callback to return), writes pending state to the state directory and
  * closes the socket. Afterwards every call on the handle returns
  * GWSYNC_ERR_STATE, which is what lets other threads that may still hold
  * the pointer fail cleanly; free it with `gwsync_close` once they are

@@ -64,8 +64,8 @@ pub const GWSYNC_ERR_IO: c_int = -6;
 /// thread mode, or the call is not allowed from inside a change callback.
 pub const GWSYNC_ERR_STATE: c_int = -7;
 /// gwsync hit an internal error (a Rust panic, caught at the boundary).
-/// The handle is unusable afterwards: every call on it returns this code;
-/// `gwsync_close` still frees it.
+/// When it struck while the handle was in use, every later call on that
+/// handle returns this code too; `gwsync_close` still frees it.
 pub const GWSYNC_ERR_PANIC: c_int = -8;
 
 /// `gwsync_trigger` reason: the devices this gateway manages powered on.
@@ -112,7 +112,10 @@ pub type gwsync_change_cb = Option<
 >;
 
 /// One gateway: an opaque handle from `gwsync_open`, freed by
-/// `gwsync_close`.
+/// `gwsync_close`. Calls on one handle lock it, so they are safe from any
+/// thread in both modes; in poll mode the change callback runs only
+/// inside `gwsync_process`, and a write from another thread is pushed at
+/// the loop's next `gwsync_process`.
 pub struct gwsync_t {
     shared: Arc<Shared>,
 }
@@ -733,7 +736,7 @@ fn shutdown(g: &gwsync_t) -> Result<(), Error> {
 }
 
 /// Stops the handle without freeing it: stops the background thread (if
-/// any, waiting for it), writes pending state to the state directory and
+/// any, waiting for a running callback to return), writes pending state to the state directory and
 /// closes the socket. Afterwards every call on the handle returns
 /// GWSYNC_ERR_STATE, which is what lets other threads that may still hold
 /// the pointer fail cleanly; free it with `gwsync_close` once they are
