@@ -152,7 +152,7 @@ pub struct ChangeEvent {
 }
 
 /// Receives change events instead of the queue (see [`Driver::on_change`]).
-pub type ChangeCallback = Box<dyn FnMut(&ChangeEvent)>;
+pub type ChangeCallback = Box<dyn FnMut(&ChangeEvent) + Send>;
 
 /// I/O counters, next to the engine's own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

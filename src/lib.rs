@@ -13,6 +13,7 @@ pub mod control;
 pub mod crypto;
 pub mod driver;
 pub mod engine;
+pub mod ffi;
 pub mod net;
 pub mod persist;
 pub mod sim;

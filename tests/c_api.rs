@@ -1,0 +1,674 @@
+//! The C API as C sees it: the header is what cbindgen generates today,
+//! and real C programs (tests/c/*.c, examples/c/gateway.c), compiled with
+//! the system `cc` against include/gwsync.h and libgwsync.a with the link
+//! line of gwsync.pc, sync with each other over loopback multicast, under
+//! valgrind's memcheck and helgrind where it is installed.
+//!
+//! libgwsync.a comes from the same cargo build as this test (the library
+//! has the `staticlib` crate type, so building the test builds it); when it
+//! is missing the test builds it with `cargo build --lib`.
+//!
+//! valgrind missing: the valgrind tests say so and pass, unless `CI` is set
+//! (then they fail: CI must install it, see .ci/run).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{TempDir, unique_port};
+
+const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+/// valgrind runs code 20 to 100 times slower.
+const VALGRIND_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// target/<profile>: this test runs from target/<profile>/deps.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps")
+        .to_owned()
+}
+
+/// libgwsync.a, fresh: `cargo test` builds the library's staticlib under
+/// target/<profile>/deps with a hash in its name and does not copy it up to
+/// target/<profile>/libgwsync.a, so this runs `cargo build --lib` with the
+/// same target directory and profile (a no-op when nothing changed).
+fn staticlib() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile = profile_dir();
+            let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cargo.args(["build", "--lib"]).current_dir(manifest_dir());
+            let parent = profile.parent().expect("target dir");
+            // target/<triple>/<profile> when built with --target.
+            let target_dir = if parent.join("CACHEDIR.TAG").exists() {
+                parent
+            } else {
+                let triple = parent.file_name().and_then(|name| name.to_str());
+                cargo.args(["--target", triple.expect("target triple")]);
+                parent.parent().expect("target dir")
+            };
+            cargo.env("CARGO_TARGET_DIR", target_dir);
+            match profile.file_name().and_then(|name| name.to_str()) {
+                Some("debug") => {}
+                Some("release") => {
+                    cargo.arg("--release");
+                }
+                Some(other) => {
+                    cargo.args(["--profile", other]);
+                }
+                None => panic!("no profile in {}", profile.display()),
+            }
+            let output = cargo.output().expect("run cargo build --lib");
+            assert!(
+                output.status.success(),
+                "cargo build --lib failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let lib = profile.join("libgwsync.a");
+            assert!(lib.exists(), "{} missing after the build", lib.display());
+            lib
+        })
+        .clone()
+}
+
+/// Cflags and Libs of gwsync.pc with `libdir` and `includedir` pointing
+/// into this tree, expanded as pkg-config does: the link line C users get.
+fn pc_flags(libdir: &Path) -> (Vec<String>, Vec<String>) {
+    let text = std::fs::read_to_string(manifest_dir().join("gwsync.pc")).expect("read gwsync.pc");
+    let mut vars: HashMap<String, String> = HashMap::new();
+    vars.insert("libdir".into(), libdir.display().to_string());
+    let include = manifest_dir().join("include");
+    vars.insert("includedir".into(), include.display().to_string());
+    let expand = |value: &str, vars: &HashMap<String, String>| {
+        let mut out = value.to_owned();
+        for (name, value) in vars {
+            out = out.replace(&format!("${{{name}}}"), value);
+        }
+        out
+    };
+    let (mut cflags, mut libs) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        if let Some((field, value)) = line.split_once(':') {
+            let words = expand(value, &vars)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            match field.trim() {
+                "Cflags" => cflags = words,
+                "Libs" => libs = words,
+                _ => {}
+            }
+        } else if let Some((name, value)) = line.split_once('=') {
+            let value = expand(value.trim(), &vars);
+            vars.entry(name.trim().to_owned()).or_insert(value);
+        }
+    }
+    assert!(libs.iter().any(|word| word == "-lgwsync"), "Libs: {libs:?}");
+    (cflags, libs)
+}
+
+/// Compiles one C program (once per test run) and returns its path.
+fn compile(source: &str) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(source) {
+        return path.clone();
+    }
+    let lib = staticlib();
+    let out_dir = profile_dir().join("c-api");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let name = Path::new(source).file_stem().unwrap().to_str().unwrap();
+    let exe = out_dir.join(name);
+    let (cflags, libs) = pc_flags(lib.parent().unwrap());
+    let output = Command::new("cc")
+        .args([
+            "-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-pthread",
+        ])
+        .args(&cflags)
+        .arg(manifest_dir().join(source))
+        .arg("-o")
+        .arg(&exe)
+        .args(&libs)
+        .output()
+        .expect("run cc");
+    assert!(
+        output.status.success(),
+        "cc {source} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    built.insert(source.to_owned(), exe.clone());
+    exe
+}
+
+/// Whether the system `cc` builds for the CPU these tests run on. Under
+/// qemu (scripts/ci-cross.sh) the tests are MIPS code and `cc` is the
+/// host's: C programs cannot be linked with the MIPS libgwsync.a, so the
+/// C tests skip there, saying so.
+fn can_build_c() -> bool {
+    static MATCHES: OnceLock<bool> = OnceLock::new();
+    let matches = *MATCHES.get_or_init(|| {
+        let machine = Command::new("cc")
+            .arg("-dumpmachine")
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .unwrap_or_default();
+        machine.starts_with(std::env::consts::ARCH)
+    });
+    if !matches {
+        eprintln!(
+            "SKIPPED: the system cc does not build for {} (cross test under qemu)",
+            std::env::consts::ARCH
+        );
+    }
+    matches
+}
+
+/// Whether valgrind is there; without it a test skips, unless CI is set.
+fn have_valgrind() -> bool {
+    let found = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "valgrind is not installed but CI is set: install it (apt-get install valgrind)"
+        );
+        eprintln!("SKIPPED: valgrind is not installed (apt-get install valgrind); CI unset");
+    }
+    found
+}
+
+fn memcheck(program: &Path) -> Command {
+    let mut command = Command::new("valgrind");
+    command.args([
+        "--quiet",
+        "--leak-check=full",
+        "--show-leak-kinds=definite,indirect,possible",
+        "--errors-for-leak-kinds=definite,indirect,possible",
+        "--error-exitcode=1",
+    ]);
+    command.arg(program);
+    command
+}
+
+fn helgrind(program: &Path) -> Command {
+    let mut command = Command::new("valgrind");
+    // No suppressions: the handle locks with pthread mutexes, which
+    // helgrind understands (see `Lock` in src/ffi.rs).
+    command
+        .args(["--quiet", "--tool=helgrind", "--error-exitcode=1"])
+        .arg(program);
+    command
+}
+
+/// A running C program: lines from its stdout arrive on a channel, its
+/// stderr is kept for failure messages.
+struct Program {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    timeout: Duration,
+}
+
+impl Program {
+    fn spawn(name: &str, mut command: Command, timeout: Duration) -> Program {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {name}: {error}"));
+        let (sender, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let kept = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(len @ 1..) = pipe.read(&mut buffer) {
+                kept.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..len]));
+            }
+        });
+        Program {
+            name: name.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            timeout,
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{}: {what}\nstdout so far:\n{}\nstderr:\n{}",
+            self.name,
+            self.seen.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        if writeln!(stdin, "{line}").is_err() {
+            self.fail(&format!("could not send {line:?}"));
+        }
+    }
+
+    /// Takes stdout lines until one satisfies `wanted`; fails at the
+    /// deadline with everything seen.
+    fn expect(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.fail(&format!("timed out waiting for {what}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.fail(&format!("exited while waiting for {what}"))
+                }
+            }
+        }
+    }
+
+    fn expect_line(&mut self, line: &str) {
+        self.expect(&format!("{line:?}"), |seen| seen == line);
+    }
+
+    /// Asks with `command`, returns the next line that starts with one of
+    /// `answers`.
+    fn ask(&mut self, command: &str, answers: &[&str]) -> String {
+        self.send(command);
+        self.expect(&format!("an answer to {command:?}"), |line| {
+            answers.iter().any(|answer| line.starts_with(answer))
+        })
+    }
+
+    /// Waits for the program to exit by itself (closing its stdin first).
+    fn wait(mut self) -> (ExitStatus, String) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The stdout thread ends at EOF: collect what is left.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(line);
+                }
+                let stderr = self.stderr.lock().unwrap().clone();
+                if !status.success() {
+                    self.fail(&format!("exited with {status}"));
+                }
+                return (status, stderr);
+            }
+            if Instant::now() >= deadline {
+                self.fail("did not exit in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_id(index: u64) -> String {
+    format!("{:016x}", 0xa0 + index)
+}
+
+/// tests/c/node.c on `port` with id [`node_id`]`(index)`, optionally run
+/// through `wrap` (valgrind).
+fn start_node(port: u16, index: u64, wrap: Option<fn(&Path) -> Command>) -> Program {
+    start_node_keyed(port, index, wrap, None)
+}
+
+fn start_node_keyed(
+    port: u16,
+    index: u64,
+    wrap: Option<fn(&Path) -> Command>,
+    key_file: Option<&Path>,
+) -> Program {
+    let exe = compile("tests/c/node.c");
+    let mut command = match wrap {
+        Some(wrap) => wrap(&exe),
+        None => Command::new(&exe),
+    };
+    command.arg(port.to_string()).arg(node_id(index));
+    command.args(key_file);
+    let timeout = if wrap.is_some() {
+        VALGRIND_TIMEOUT
+    } else {
+        SYNC_TIMEOUT
+    };
+    let mut node = Program::spawn(&format!("node {index}"), command, timeout);
+    node.expect_line(&format!("ready {}", node_id(index)));
+    node
+}
+
+fn change(key: &str, origin: &str, value: Option<&str>) -> String {
+    format!("change {key} {origin} {}", value.unwrap_or("(deleted)"))
+}
+
+#[test]
+fn header_is_fresh() {
+    let config = cbindgen::Config::from_file(manifest_dir().join("cbindgen.toml"))
+        .expect("read cbindgen.toml");
+    let mut fresh = Vec::new();
+    cbindgen::Builder::new()
+        .with_src(manifest_dir().join("src/ffi.rs"))
+        .with_config(config)
+        .generate()
+        .expect("cbindgen generates the header")
+        .write(&mut fresh);
+    let path = manifest_dir().join("include/gwsync.h");
+    if std::env::var_os("GWSYNC_UPDATE_HEADER").is_some_and(|value| value == "1") {
+        std::fs::write(&path, &fresh).expect("write include/gwsync.h");
+        return;
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "include/gwsync.h differs from what cbindgen generates from src/ffi.rs; \
+         regenerate with GWSYNC_UPDATE_HEADER=1 cargo test --test c_api header_is_fresh"
+    );
+}
+
+#[test]
+fn pkg_config_gives_the_link_line() {
+    let found = Command::new("pkg-config").arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "pkg-config is not installed but CI is set"
+        );
+        eprintln!("SKIPPED: pkg-config is not installed");
+        return;
+    }
+    let output = Command::new("pkg-config")
+        .env("PKG_CONFIG_PATH", manifest_dir())
+        .args([
+            "--define-variable=prefix=/opt/gw",
+            "--cflags",
+            "--libs",
+            "gwsync",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let flags = String::from_utf8(output.stdout).unwrap();
+    assert!(flags.contains("-I/opt/gw/include"), "{flags}");
+    assert!(flags.contains("-L/opt/gw/lib -lgwsync"), "{flags}");
+    assert!(flags.contains("-lpthread"), "{flags}");
+}
+
+#[test]
+fn every_call_returns_its_documented_error() {
+    if !can_build_c() {
+        return;
+    }
+    let exe = compile("tests/c/api_contract.c");
+    let mut command = Command::new(exe);
+    let state = TempDir::new("c-api-contract");
+    command.arg(unique_port().to_string()).arg(state.path());
+    let mut program = Program::spawn("api_contract", command, SYNC_TIMEOUT);
+    program.expect("the ok line", |line| line.starts_with("ok: "));
+    program.wait();
+}
+
+#[test]
+fn api_contract_is_clean_under_memcheck() {
+    if !can_build_c() || !have_valgrind() {
+        return;
+    }
+    let exe = compile("tests/c/api_contract.c");
+    let mut command = memcheck(&exe);
+    let state = TempDir::new("c-api-memcheck");
+    command.arg(unique_port().to_string()).arg(state.path());
+    let mut program = Program::spawn("api_contract under memcheck", command, VALGRIND_TIMEOUT);
+    program.expect("the ok line", |line| line.starts_with("ok: "));
+    let (_, stderr) = program.wait();
+    assert!(!stderr.contains("definitely lost"), "{stderr}");
+}
+
+#[test]
+fn three_c_processes_converge_and_a_delete_propagates() {
+    if !can_build_c() {
+        return;
+    }
+    let port = unique_port();
+    let mut nodes: Vec<Program> = (0..3).map(|index| start_node(port, index, None)).collect();
+    let value = r#"{"name":"Evening","lights":[1,2],"level":40}"#;
+
+    nodes[0].ask(
+        r#"set scene/evening { "name": "Evening", "lights": [1, 2], "level": 40 }"#,
+        &["ok set"],
+    );
+    for node in &mut nodes {
+        node.expect_line(&change("scene/evening", &node_id(0), Some(value)));
+    }
+    for node in &mut nodes {
+        assert_eq!(
+            node.ask("get scene/evening", &["value", "notfound", "err"]),
+            format!("value {value}")
+        );
+    }
+
+    nodes[2].ask("del scene/evening", &["ok del"]);
+    for node in &mut nodes {
+        node.expect_line(&change("scene/evening", &node_id(2), None));
+    }
+    for node in &mut nodes {
+        assert_eq!(
+            node.ask("get scene/evening", &["value", "notfound", "err"]),
+            "notfound"
+        );
+    }
+    for node in nodes {
+        node.wait();
+    }
+}
+
+#[test]
+fn keyed_c_processes_sync_and_an_unkeyed_one_learns_nothing() {
+    if !can_build_c() {
+        return;
+    }
+    let dir = TempDir::new("c-api-keyed");
+    let key_file = dir.path().join("key");
+    let key: String = (0..32)
+        .map(|byte| format!("{:02x}", byte * 7 + 1))
+        .collect();
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let port = unique_port();
+    let mut unkeyed = start_node(port, 0, None);
+    let mut writer = start_node_keyed(port, 1, None, Some(&key_file));
+    let mut reader = start_node_keyed(port, 2, None, Some(&key_file));
+
+    writer.ask(r#"set secret/code 1234"#, &["ok set"]);
+    reader.expect_line(&change("secret/code", &node_id(1), Some("1234")));
+    // The unkeyed node heard the same push (one loopback, one group) and
+    // could not open it.
+    assert_eq!(
+        unkeyed.ask("get secret/code", &["value", "notfound", "err"]),
+        "notfound"
+    );
+    for node in [unkeyed, writer, reader] {
+        let (_, stderr) = node.wait();
+        assert!(!stderr.contains("may read the group key"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_node_under_memcheck_syncs_without_leaks() {
+    if !can_build_c() || !have_valgrind() {
+        return;
+    }
+    let port = unique_port();
+    let mut checked = start_node(port, 0, Some(memcheck));
+    let mut plain = start_node(port, 1, None);
+    checked.timeout = VALGRIND_TIMEOUT;
+    plain.timeout = VALGRIND_TIMEOUT;
+
+    plain.ask(r#"set home/1 {"rooms":["kitchen"]}"#, &["ok set"]);
+    checked.expect_line(&change(
+        "home/1",
+        &node_id(1),
+        Some(r#"{"rooms":["kitchen"]}"#),
+    ));
+    checked.ask(r#"set home/2 "attic""#, &["ok set"]);
+    plain.expect_line(&change("home/2", &node_id(0), Some(r#""attic""#)));
+    plain.ask("del home/1", &["ok del"]);
+    checked.expect_line(&change("home/1", &node_id(1), None));
+    assert_eq!(
+        checked.ask("get home/2", &["value", "notfound", "err"]),
+        r#"value "attic""#
+    );
+    let (_, stderr) = checked.wait();
+    assert!(!stderr.contains("definitely lost"), "{stderr}");
+    plain.wait();
+}
+
+fn own_id_of_threads() -> String {
+    node_id(7)
+}
+
+/// Two writer threads and the background thread, against a poll-mode peer.
+fn thread_mode(wrap: Option<fn(&Path) -> Command>) {
+    let port = unique_port();
+    let timeout = if wrap.is_some() {
+        VALGRIND_TIMEOUT
+    } else {
+        SYNC_TIMEOUT
+    };
+    let mut peer = start_node(port, 1, None);
+    peer.timeout = timeout;
+    let exe = compile("tests/c/threads.c");
+    let mut command = match wrap {
+        Some(wrap) => wrap(&exe),
+        None => Command::new(&exe),
+    };
+    command.arg(port.to_string()).arg(own_id_of_threads());
+    let mut threads = Program::spawn("threads", command, timeout);
+    threads.expect_line("written");
+    // Every write of both writers reaches the peer, by push or repair.
+    let mut missing: HashSet<String> = (0..2)
+        .flat_map(|writer| {
+            (0..50).map(move |i| {
+                change(
+                    &format!("t{writer}/{i}"),
+                    &own_id_of_threads(),
+                    Some(&format!(r#"{{"writer":{writer},"i":{i}}}"#)),
+                )
+            })
+        })
+        .collect();
+    while !missing.is_empty() {
+        let line = peer.expect(&format!("{} more writes", missing.len()), |line| {
+            line.starts_with("change t")
+        });
+        missing.remove(&line);
+    }
+    peer.ask("set peer/done true", &["ok set"]);
+    threads.expect_line("ok");
+    let (_, stderr) = threads.wait();
+    assert!(!stderr.contains("Possible data race"), "{stderr}");
+    peer.wait();
+}
+
+#[test]
+fn thread_mode_two_writers_while_syncing() {
+    if !can_build_c() {
+        return;
+    }
+    thread_mode(None);
+}
+
+#[test]
+fn thread_mode_is_race_free_under_helgrind() {
+    if !can_build_c() || !have_valgrind() {
+        return;
+    }
+    thread_mode(Some(helgrind));
+}
+
+#[test]
+fn example_gateway_syncs_with_a_node() {
+    if !can_build_c() {
+        return;
+    }
+    let port = unique_port();
+    let exe = compile("examples/c/gateway.c");
+    let mut command = Command::new(exe);
+    command.args(["lo", &port.to_string()]);
+    let mut node = start_node(port, 3, None);
+    let mut gateway = Program::spawn("gateway", command, SYNC_TIMEOUT);
+    gateway.expect("gateway ready", |line| line.starts_with("gateway ready: "));
+    let scene = r#"{"name":"Evening","lights":{"ceiling":40,"lamp":80}}"#;
+    let line = node.expect("the gateway's scene", |line| {
+        line.starts_with("change scene/living-room ") && line.ends_with(scene)
+    });
+    let gateway_id = line.split(' ').nth(2).unwrap().to_owned();
+
+    node.ask(r#"set light/1 {"on":true}"#, &["ok set"]);
+    gateway.expect_line(&format!(
+        r#"gateway: light/1 = {{"on":true}} (from {})"#,
+        node_id(3)
+    ));
+    node.ask("del light/1", &["ok del"]);
+    gateway.expect_line(&format!("gateway: light/1 deleted (by {})", node_id(3)));
+
+    let pid = nix::unistd::Pid::from_raw(gateway.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    gateway.expect("the final dump", |line| {
+        line.starts_with("gateway stopping with ") && line.contains(scene)
+    });
+    gateway.wait();
+    assert_eq!(gateway_id.len(), 16, "{line}");
+    node.wait();
+}
