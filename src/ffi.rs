@@ -611,32 +611,6 @@ fn driver_config(json: &str) -> Result<(DriverConfig, log::LevelFilter), Error> 
     Ok((config, level))
 }
 
-/// Logs to stderr for C programs, which have no Rust logger of their own.
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!("gwsync: {}: {}", record.level(), record.args());
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLogger = StderrLogger;
-
-fn init_logging(level: log::LevelFilter) {
-    // Fails when a logger is already set (an earlier handle, or a Rust
-    // host that set its own): then that one stays.
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(level);
-}
-
 fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
     result.map_err(|e| {
         let code = match &e {
@@ -691,7 +665,7 @@ pub unsafe extern "C" fn gwsync_open(config_json: *const c_char) -> *mut gwsync_
         // SAFETY: forwarded from the caller.
         let json = unsafe { text(config_json, "config_json") }?;
         let (config, level) = driver_config(json)?;
-        init_logging(level);
+        crate::logging::log_to_stderr(level);
         let driver = Driver::open(config).map_err(|e| error(GWSYNC_ERR_IO, e.to_string()))?;
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| error(GWSYNC_ERR_IO, format!("eventfd: {e}")))?;

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod driver;
 pub mod engine;
 pub mod ffi;
+pub mod logging;
 pub mod net;
 pub mod persist;
 pub mod sim;

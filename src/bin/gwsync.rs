@@ -150,24 +150,6 @@ fn default_state_dir() -> PathBuf {
 
 // ---------------------------------------------------------------- logging
 
-/// Plain lines on stderr for the foreground (procd also captures stderr).
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            let level = record.level().as_str().to_ascii_lowercase();
-            eprintln!("gwsync[{}]: {level}: {}", std::process::id(), record.args());
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 fn init_logging(level: log::LevelFilter, foreground: bool) {
     log::set_max_level(level);
     if !foreground {
@@ -186,7 +168,7 @@ fn init_logging(level: log::LevelFilter, foreground: bool) {
             Err(error) => eprintln!("gwsync: syslog unavailable ({error}); logging to stderr"),
         }
     }
-    let _ = log::set_logger(&StderrLogger);
+    gwsync::logging::log_to_stderr(level);
 }
 
 // ----------------------------------------------------------------- daemon
@@ -528,8 +510,7 @@ fn free_port() -> u16 {
 fn demo() -> Result<(), Failure> {
     use gwsync::wire::{self, Message};
 
-    let _ = log::set_logger(&StderrLogger);
-    log::set_max_level(log::LevelFilter::Error);
+    gwsync::logging::log_to_stderr(log::LevelFilter::Error);
     let base = std::env::temp_dir().join(format!("gwsync-demo-{}", std::process::id()));
     let names = ["gw1", "gw2", "gw3"];
     let ids = [NodeId(0x0001), NodeId(0x0002), NodeId(0x0003)];
