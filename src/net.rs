@@ -23,14 +23,15 @@
 //! address changes; the driver then re-checks its interfaces instead of
 //! polling them (an idle router should not wake up for nothing).
 
+use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, AddressFamily, ControlMessage, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
-    SockaddrIn, SockaddrIn6,
+    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, SockaddrIn,
+    SockaddrIn6,
 };
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
 
@@ -57,6 +58,9 @@ pub struct GroupSocket {
     socket: Socket,
     group: IpAddr,
     port: u16,
+    /// The interface `IP_MULTICAST_IF` names now (0: the kernel's choice),
+    /// so it is set only when a send goes out of another one.
+    multicast_if: Cell<u32>,
 }
 
 impl GroupSocket {
@@ -96,6 +100,7 @@ impl GroupSocket {
             socket,
             group,
             port,
+            multicast_if: Cell::new(0),
         })
     }
 
@@ -137,17 +142,11 @@ impl GroupSocket {
         let sent = match self.group {
             IpAddr::V4(v4) => {
                 let dest = SockaddrIn::from(SocketAddrV4::new(v4, self.port));
-                if ifindex == 0 {
-                    socket::sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&dest))
-                } else {
-                    let info = libc::in_pktinfo {
-                        ipi_ifindex: ifindex as libc::c_int,
-                        ipi_spec_dst: libc::in_addr { s_addr: 0 },
-                        ipi_addr: libc::in_addr { s_addr: 0 },
-                    };
-                    let cmsgs = [ControlMessage::Ipv4PacketInfo(&info)];
-                    socket::sendmsg(fd, &iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&dest))
+                if ifindex != self.multicast_if.get() {
+                    set_multicast_if_index_v4(&self.socket, ifindex)?;
+                    self.multicast_if.set(ifindex);
                 }
+                socket::sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&dest))
             }
             IpAddr::V6(v6) => {
                 // The scope id picks the interface for a link-local group.
@@ -181,6 +180,36 @@ impl AsFd for GroupSocket {
 impl AsRawFd for GroupSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
+    }
+}
+
+/// Sets `IP_MULTICAST_IF` by interface index (`struct ip_mreqn`, Linux
+/// 3.5+), which neither socket2 nor nix offers. Used instead of an
+/// `IP_PKTINFO` control message per send: qemu-user passes control messages
+/// through without byte-order conversion, so on big-endian targets the
+/// index arrived scrambled (ENODEV), while this option is converted.
+#[allow(unsafe_code)]
+fn set_multicast_if_index_v4(socket: &Socket, ifindex: u32) -> io::Result<()> {
+    let request = libc::ip_mreqn {
+        imr_multiaddr: libc::in_addr { s_addr: 0 },
+        imr_address: libc::in_addr { s_addr: 0 },
+        imr_ifindex: ifindex as libc::c_int,
+    };
+    // SAFETY: `request` is a valid, initialised ip_mreqn that outlives the
+    // call, and the length passed is exactly its size.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_IF,
+            (&request as *const libc::ip_mreqn).cast(),
+            std::mem::size_of::<libc::ip_mreqn>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
