@@ -58,8 +58,6 @@ cd "$repo"
 # backtraces useful.
 export CARGO_PROFILE_DEV_DEBUG=${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}
 export CI=${CI:-1}
-# Tests that start host processes or need root namespaces skip under qemu.
-export GWSYNC_UNDER_QEMU=1
 # Emulated debug builds run the simulator ~20x slower; a fifth of the seeds
 # still covers every scenario kind on each byte order.
 export GWSYNC_SIM_SCALE=${GWSYNC_SIM_SCALE:-20}

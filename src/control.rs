@@ -317,7 +317,33 @@ fn string_field(
     }
 }
 
-fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode, String)> {
+/// One control request, parsed and checked, before it touches the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Get {
+        key: String,
+    },
+    /// `value` is the request's JSON text for the value, unparsed.
+    Set {
+        key: String,
+        value: String,
+    },
+    Del {
+        key: String,
+    },
+    List {
+        prefix: String,
+    },
+    Dump,
+    Status,
+    Trigger(TriggerReason),
+    Watch,
+}
+
+/// Parses one request line. Untrusted input (any local root process can
+/// connect): it never panics and is fuzzed (`fuzz/`, target
+/// `control_request`).
+pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
     // Raw fields, so a value keeps its exact text (and a JSON null value
     // stays distinct from a missing one).
     let fields: BTreeMap<String, Box<RawValue>> =
@@ -332,13 +358,41 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
     let key = || {
         string_field(&fields, "key")?.ok_or((ErrorCode::BadRequest, "missing \"key\"".to_owned()))
     };
+    Ok(match op.as_str() {
+        "get" => Request::Get { key: key()? },
+        "set" => Request::Set {
+            key: key()?,
+            value: fields
+                .get("value")
+                .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?
+                .get()
+                .to_owned(),
+        },
+        "del" => Request::Del { key: key()? },
+        "list" => Request::List {
+            prefix: string_field(&fields, "prefix")?.unwrap_or_default(),
+        },
+        "dump" => Request::Dump,
+        "status" => Request::Status,
+        "trigger" => {
+            let reason = string_field(&fields, "reason")?.unwrap_or_else(|| "manual".to_owned());
+            Request::Trigger(parse_trigger(&reason).ok_or((
+                ErrorCode::BadRequest,
+                format!("unknown trigger reason: {reason}"),
+            ))?)
+        }
+        "watch" => Request::Watch,
+        other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
+    })
+}
+
+fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode, String)> {
     let ok = |extra: Option<(&str, String)>| match extra {
         None => r#"{"ok":true}"#.to_owned(),
         Some((name, json)) => format!("{{\"ok\":true,\"{name}\":{json}}}"),
     };
-    Ok(Answer::Reply(match op.as_str() {
-        "get" => {
-            let key = key()?;
+    Ok(Answer::Reply(match parse_request(line)? {
+        Request::Get { key } => {
             let value = driver
                 .engine()
                 .get(&key)
@@ -347,50 +401,35 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
             driver::push_json(&mut json, value);
             ok(Some(("value", json)))
         }
-        "set" => {
-            let key = key()?;
-            let value = fields
-                .get("value")
-                .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?;
-            driver
-                .set(&key, value.get())
-                .map_err(|failure| match failure {
-                    SetError::Write(WriteError::ValueTooLarge) => (
-                        ErrorCode::TooLarge,
-                        format!(
-                            "value is too large: {} bytes, the limit is {} bytes",
-                            value.get().len(),
-                            driver.engine().config().store.value_bytes_max
-                        ),
+        Request::Set { key, value } => {
+            driver.set(&key, &value).map_err(|failure| match failure {
+                SetError::Write(WriteError::ValueTooLarge) => (
+                    ErrorCode::TooLarge,
+                    format!(
+                        "value is too large: {} bytes, the limit is {} bytes",
+                        value.len(),
+                        driver.engine().config().store.value_bytes_max
                     ),
-                    other => write_error(other),
-                })?;
+                ),
+                other => write_error(other),
+            })?;
             ok(None)
         }
-        "del" => {
-            driver.delete(&key()?).map_err(write_error)?;
+        Request::Del { key } => {
+            driver.delete(&key).map_err(write_error)?;
             ok(None)
         }
-        "list" => {
-            let prefix = string_field(&fields, "prefix")?.unwrap_or_default();
-            ok(Some((
-                "keys",
-                Value::from(driver.list(&prefix)).to_string(),
-            )))
-        }
-        "dump" => ok(Some(("data", driver.dump()))),
-        "status" => ok(Some(("status", driver.status().to_string()))),
-        "trigger" => {
-            let reason = string_field(&fields, "reason")?.unwrap_or_else(|| "manual".to_owned());
-            let reason = parse_trigger(&reason).ok_or((
-                ErrorCode::BadRequest,
-                format!("unknown trigger reason: {reason}"),
-            ))?;
+        Request::List { prefix } => ok(Some((
+            "keys",
+            Value::from(driver.list(&prefix)).to_string(),
+        ))),
+        Request::Dump => ok(Some(("data", driver.dump()))),
+        Request::Status => ok(Some(("status", driver.status().to_string()))),
+        Request::Trigger(reason) => {
             driver.trigger(reason);
             ok(None)
         }
-        "watch" => return Ok(Answer::Watch),
-        other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
+        Request::Watch => return Ok(Answer::Watch),
     }))
 }
 
@@ -447,5 +486,40 @@ mod tests {
         };
         let parsed: Value = serde_json::from_str(&change_line(&deleted)).unwrap();
         assert_eq!(parsed["deleted"], true);
+    }
+
+    #[test]
+    fn a_lone_surrogate_value_parses_as_syntax_but_is_refused_as_json() {
+        // Found by the control_request fuzz target.
+        let line = br#"{"op":"set","key":"scgn/8","value":{"??????uda60\uDdaa9?":true}}"#;
+        let Ok(Request::Set { value, .. }) = parse_request(line) else {
+            panic!("a syntactically valid set request");
+        };
+        assert!(driver::compact_json(&value).is_err());
+    }
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_request(br#"{"op":"trigger","reason":"network-up"}"#),
+            Ok(Request::Trigger(TriggerReason::NetworkUp))
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"list"}"#),
+            Ok(Request::List {
+                prefix: String::new()
+            })
+        );
+        for bad in [
+            &b"[1]"[..],
+            b"{\"op\":7}",
+            b"{\"op\":\"get\"}",
+            b"{\"op\":\"explode\"}",
+            b"\xff",
+        ] {
+            let (code, message) = parse_request(bad).unwrap_err();
+            assert_eq!(code, ErrorCode::BadRequest, "{message}");
+            assert!(!message.is_empty());
+        }
     }
 }

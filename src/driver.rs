@@ -889,7 +889,10 @@ pub fn push_json(out: &mut String, value: &[u8]) {
 /// Validates one JSON value and removes insignificant whitespace, keeping
 /// everything else (member order, number spelling) exactly as written.
 pub fn compact_json(text: &str) -> Result<String, String> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|error| error.to_string())?;
+    // A full parse, not just a syntax check: it also refuses lone surrogate
+    // escapes (`"\udc00"`), which strict JSON readers on other gateways and
+    // our own state file loader would choke on.
+    serde_json::from_str::<serde_json::Value>(text).map_err(|error| error.to_string())?;
     let mut out = String::with_capacity(text.len());
     let mut in_string = false;
     let mut escaped = false;

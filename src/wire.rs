@@ -13,7 +13,8 @@
 //!  0  magic        u16  0x4757 ("GW")
 //!  2  version      u8   PROTOCOL_VERSION
 //!  3  type         u8   MessageType
-//!  4  flags        u8   bit 0: payload encrypted
+//!  4  flags        u8   bit 0: payload encrypted; bit 1: the sender saw
+//!                       loss lately (peers then follow pushes with tails)
 //!  5  key id       u8   which group key sealed the payload (0: none)
 //!  6  reserved     u16  zero
 //!  8  sender       u64  node id
@@ -59,6 +60,7 @@ pub const BUCKET_DIGEST_LEN: usize = 2 + 8 + 2 + 8;
 pub const BUCKET_DIGESTS_PREFIX: usize = 8 + 2 + 2 + 2;
 
 pub const FLAG_ENCRYPTED: u8 = 1;
+pub const FLAG_LOSS_SEEN: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -86,7 +86,7 @@ fn a_delete_propagates() {
 fn watch_sees_changes_from_other_gateways() {
     let dir = TempDir::new("watch");
     let daemons = group_on_lo(&dir, 2);
-    let mut watcher = Command::new(common::BIN)
+    let mut watcher = common::gwsync_command()
         .args(["--socket", daemons[1].socket.to_str().unwrap(), "watch"])
         .stdout(Stdio::piped())
         .spawn()
@@ -198,7 +198,7 @@ fn control_socket_is_private_and_a_second_daemon_on_it_is_refused() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let second = Command::new(common::BIN)
+    let second = common::gwsync_command()
         .args(["daemon", "--foreground", "--interface", "lo", "--socket"])
         .arg(&daemons[0].socket)
         .arg("--state-dir")

@@ -98,6 +98,10 @@ pub struct Config {
     /// after about `Imin`, `2 Imin`, `4 Imin`..., each skipped when a
     /// summary equal to ours was heard since the previous one.
     pub tail_summaries: u32,
+    /// A datagram missed from a peer (a sequence gap) is answered with one
+    /// summary of ours, so a lost push is noticed at the sender's next
+    /// datagram; at most one such probe per this interval.
+    pub gap_probe_interval_ms: u64,
     pub peers_max: usize,
     /// Datagrams one sender may have accepted per second (and in a burst).
     /// A repair sends about 1 / `repair_datagram_interval_ms` per ms.
@@ -124,6 +128,7 @@ impl Default for Config {
             repair_datagram_interval_ms: 2,
             loss_memory_ms: 3_600_000,
             tail_summaries: 3,
+            gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
             purge_interval_ms: 60_000,
@@ -331,7 +336,15 @@ pub struct Engine {
     bucket_digests_due: Option<(u64, u64)>,
     repair_queue: BTreeSet<u16>,
     repair_due: Option<u64>,
+    /// When we last saw loss first-hand: a sequence gap, or a difference
+    /// that needed repair. Advertised in our headers.
     loss_seen_at: Option<u64>,
+    /// When a peer last advertised first-hand loss. Second-hand evidence is
+    /// not advertised again, so the flag dies out when the loss stops.
+    loss_heard_at: Option<u64>,
+    /// The latest time passed in, for stamping outgoing headers.
+    now: u64,
+    last_gap_probe: Option<u64>,
     tail: Option<Tail>,
     purge_due: u64,
     transmits: VecDeque<Vec<u8>>,
@@ -365,6 +378,9 @@ impl Engine {
             repair_queue: BTreeSet::new(),
             repair_due: None,
             loss_seen_at: None,
+            loss_heard_at: None,
+            now,
+            last_gap_probe: None,
             tail: None,
             purge_due: now + config.purge_interval_ms,
             transmits: VecDeque::new(),
@@ -543,6 +559,7 @@ impl Engine {
 
     /// Runs every timer whose deadline is at or before `now`.
     pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
         if self.push_due.is_some_and(|due| due <= now) {
             self.push_due = None;
             self.flush_push(now);
@@ -592,6 +609,7 @@ impl Engine {
 
     /// Takes one datagram received from the group.
     pub fn handle_datagram(&mut self, now: u64, bytes: &[u8]) {
+        self.now = self.now.max(now);
         self.counters.datagrams_received += 1;
         self.counters.bytes_received += bytes.len() as u64;
         let (header, message) = match self.open(bytes) {
@@ -606,6 +624,9 @@ impl Engine {
         }
         if let Err(reason) = self.hear_peer(now, &header) {
             return self.count_drop(reason);
+        }
+        if header.flags & wire::FLAG_LOSS_SEEN != 0 {
+            self.loss_heard_at = Some(now);
         }
         match message {
             Message::Summary(summary) => self.on_summary(now, summary),
@@ -656,13 +677,13 @@ impl Engine {
     /// quiet-period timer.
     fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
+        let mut missed_some = false;
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
                 match window.check(header.boot, header.seq) {
                     Err(error) => return Err(DropReason::Replay(error)),
-                    Ok(Accepted::Skipped { .. }) => self.loss_seen_at = Some(now),
-                    Ok(Accepted::Next | Accepted::Reordered | Accepted::NewBoot) => {}
+                    Ok(accepted) => missed_some = matches!(accepted, Accepted::Skipped { .. }),
                 }
                 if !peer.take_token(now, rate_max) {
                     return Err(DropReason::RateLimited);
@@ -686,6 +707,23 @@ impl Engine {
                         .insert(header.sender, Peer::new(now, header, rate_max));
                 }
                 self.events.push_back(Event::PeerDiscovered(header.sender));
+            }
+        }
+        if missed_some {
+            // We missed a datagram from this sender. If it held data, a
+            // summary from us soon shows the difference and starts the
+            // repair, instead of waiting for the next Trickle summary (up to
+            // Imax away).
+            // One probe, at most one per `gap_probe_interval_ms`: on a lossy
+            // LAN probes are lost too, and each loss noticed must not set
+            // off a chain of probes.
+            self.loss_seen_at = Some(now);
+            let probed_lately = self
+                .last_gap_probe
+                .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
+            if self.tail.is_none() && !probed_lately {
+                self.last_gap_probe = Some(now);
+                self.start_tail(now, 1);
             }
         }
         self.last_heard_other = now;
@@ -723,6 +761,11 @@ impl Engine {
     }
 
     fn merge_entry(&mut self, key: String, version: Version, value: Option<Box<[u8]>>) -> Merged {
+        // A refused entry must not drag our clock anywhere.
+        if let Err(rejected) = self.store.check(&key, value.as_deref()) {
+            self.count_drop(DropReason::OverLimit);
+            return Merged::Rejected(rejected);
+        }
         self.clock.observe(version.hlc);
         let entry = Entry {
             version,
@@ -811,6 +854,7 @@ impl Engine {
             self.bucket_digests_due = None;
             return;
         }
+        self.loss_seen_at = Some(now);
         let mut listed = digests.buckets.iter().peekable();
         let mut we_need = false;
         let mut newly_queued = false;
@@ -864,7 +908,11 @@ impl Engine {
         self.seq += 1;
         let mut header = Header {
             message_type: message.message_type(),
-            flags: 0,
+            flags: if self.recent(self.loss_seen_at) {
+                wire::FLAG_LOSS_SEEN
+            } else {
+                0
+            },
             key_id: 0,
             sender: self.node_id,
             boot: self.boot,
@@ -873,7 +921,7 @@ impl Engine {
         let bytes = match &self.keyring {
             None => wire::encode(&header, message),
             Some(keyring) => {
-                header.flags = wire::FLAG_ENCRYPTED;
+                header.flags |= wire::FLAG_ENCRYPTED;
                 header.key_id = keyring.primary_id();
                 let mut head = Vec::with_capacity(HEADER_LEN);
                 header.emit(&mut head);
@@ -907,6 +955,10 @@ impl Engine {
         self.send(&Message::Summary(summary));
     }
 
+    fn recent(&self, at: Option<u64>) -> bool {
+        at.is_some_and(|at| self.now.saturating_sub(at) < self.config.loss_memory_ms)
+    }
+
     fn flush_push(&mut self, now: u64) {
         let keys = std::mem::take(&mut self.pending_push);
         let entries: Vec<(String, Entry)> = keys
@@ -917,18 +969,24 @@ impl Engine {
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
-        let lossy = self
-            .loss_seen_at
-            .is_some_and(|seen| now.saturating_sub(seen) < self.config.loss_memory_ms);
-        if lossy && self.config.tail_summaries > 0 {
-            let imin = self.config.trickle.imin_ms.max(1);
-            self.tail = Some(Tail {
-                due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
-                gap_ms: imin,
-                remaining: self.config.tail_summaries,
-                consistent_heard: false,
-            });
+        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
+        if lossy {
+            self.start_tail(now, self.config.tail_summaries);
         }
+    }
+
+    /// Schedules `count` tail summaries, the first within about `Imin`.
+    fn start_tail(&mut self, now: u64, count: u32) {
+        if count == 0 {
+            return;
+        }
+        let imin = self.config.trickle.imin_ms.max(1);
+        self.tail = Some(Tail {
+            due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
+            gap_ms: imin,
+            remaining: count,
+            consistent_heard: false,
+        });
     }
 
     /// Packs entries into as few datagrams as fit; values too large for one

@@ -13,6 +13,29 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gwsync");
 
+/// The words that run the gwsync binary: under a cross test the binary is
+/// for another CPU, so it runs through the same emulator cargo uses for the
+/// tests (`CARGO_TARGET_<TRIPLE>_RUNNER`, set by ../shared/cross).
+pub fn gwsync_argv() -> Vec<String> {
+    let runner = std::env::vars()
+        .find(|(name, _)| name.starts_with("CARGO_TARGET_") && name.ends_with("_RUNNER"))
+        .map(|(_, runner)| runner);
+    let mut argv: Vec<String> = runner
+        .iter()
+        .flat_map(|runner| runner.split_whitespace().map(str::to_owned))
+        .collect();
+    argv.push(BIN.to_owned());
+    argv
+}
+
+/// A command that runs the gwsync binary (see [`gwsync_argv`]).
+pub fn gwsync_command() -> Command {
+    let argv = gwsync_argv();
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    command
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A number unique to this process and call, for ports and names.
@@ -89,7 +112,7 @@ fn cli_result(output: Output) -> CliResult {
 
 /// Runs `gwsync ARGS` and returns its exit code and output.
 pub fn gwsync(args: &[&str]) -> CliResult {
-    cli_result(Command::new(BIN).args(args).output().expect("run gwsync"))
+    cli_result(gwsync_command().args(args).output().expect("run gwsync"))
 }
 
 /// One daemon process, killed on drop.
@@ -139,10 +162,10 @@ impl Daemon {
         let mut command = match &self.netns {
             Some(ns) => {
                 let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, BIN]);
+                command.args(["netns", "exec", ns]).args(gwsync_argv());
                 command
             }
-            None => Command::new(BIN),
+            None => gwsync_command(),
         };
         command
             .arg("daemon")
