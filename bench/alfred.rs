@@ -6,6 +6,8 @@
 //!     cargo bench --bench alfred -- --json > out.jsonl
 //!     cargo bench --bench alfred -- --quick           # N = 3, 8, no idle windows
 //!     cargo bench --bench alfred -- --n 8 --window 60
+//!     cargo bench --bench alfred -- --table out.jsonl # table of a --json run
+//!     python3 bench/plot_latency.py out.jsonl plot.svg
 //!
 //! For each N one topology (N namespaces on a bridge, `tests/common`'s
 //! `Lan`) runs one gwsync daemon and one alfred primary (`alfred -i eth0
@@ -642,6 +644,37 @@ fn json_row(row: &Row) -> serde_json::Value {
     })
 }
 
+/// The inverse of [`json_row`], for `--table FILE`.
+fn row_from_json(json: &serde_json::Value) -> Row {
+    let number = |name: &str| json[name].as_f64();
+    let mut sorted_ms: Vec<f64> = json["latencies_ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|ms| ms.as_f64().unwrap_or(f64::INFINITY))
+        .collect();
+    sorted_ms.sort_by(f64::total_cmp);
+    Row {
+        system: if json["system"] == "alfred" {
+            System::Alfred
+        } else {
+            System::Gwsync
+        },
+        n: json["n"].as_u64().unwrap_or(0) as usize,
+        loss: json["loss"].as_u64().unwrap_or(0) as u32,
+        case: if json["case"] == CASE_LARGE {
+            CASE_LARGE
+        } else {
+            CASE_SMALL
+        },
+        latencies: Latencies { sorted_ms },
+        idle: number("idle_datagrams_per_min").zip(number("idle_bytes_per_min")),
+        rss_kb_idle: json["rss_kb_idle"].as_u64(),
+        rss_kb_1k: json["rss_kb_1k"].as_u64(),
+        cpu_ms_per_1k_writes: number("cpu_ms_per_1k_writes"),
+    }
+}
+
 fn cell(value: Option<f64>) -> String {
     match value {
         None => "-".into(),
@@ -656,7 +689,7 @@ fn ratio(gwsync: Option<f64>, alfred: Option<f64>) -> String {
         (Some(g), Some(a)) if a.is_infinite() && g.is_finite() => "0 (alfred never)".into(),
         (Some(g), Some(a)) if a > 0.0 && g.is_finite() && a.is_finite() => {
             let ratio = g / a;
-            if ratio < 0.01 {
+            if ratio < 0.1 {
                 format!("1/{:.0}", 1.0 / ratio)
             } else {
                 format!("{ratio:.2}")
@@ -740,6 +773,19 @@ fn machine() -> String {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(index) = args.iter().position(|arg| arg == "--table") {
+        // The table of an earlier `--json` run; needs no root.
+        let path = args.get(index + 1).expect("--table takes a file");
+        let text = std::fs::read_to_string(path).expect("--table file");
+        let rows: Vec<Row> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| row_from_json(&serde_json::from_str(line).expect("a JSON row")))
+            .collect();
+        print_table(&rows);
+        return;
+    }
     if !common::is_root() {
         eprintln!("SKIP bench alfred: network namespaces need root");
         return;
