@@ -95,7 +95,7 @@ pub struct Config {
     /// the push alone is the whole update.
     pub loss_memory_ms: u64,
     /// How many tail summaries follow a push on a lossy LAN; they go out
-    /// after about `Imin`, `2 Imin`, `4 Imin`..., each skipped when a
+    /// after about `Imin/2`, `Imin`, `2 Imin`..., each skipped when a
     /// summary equal to ours was heard since the previous one.
     pub tail_summaries: u32,
     /// A datagram missed from a peer (a sequence gap) is answered with one
@@ -975,15 +975,18 @@ impl Engine {
         }
     }
 
-    /// Schedules `count` tail summaries, the first within about `Imin`.
+    /// Schedules `count` tail summaries: the first in `[Imin/4, Imin/2)`
+    /// (long after the push itself has crossed a LAN, soon enough that a
+    /// repair fits in a few hundred ms even when a tail is lost too), the
+    /// next ones after doubling gaps from `Imin/2`.
     fn start_tail(&mut self, now: u64, count: u32) {
         if count == 0 {
             return;
         }
-        let imin = self.config.trickle.imin_ms.max(1);
+        let imin = self.config.trickle.imin_ms.max(4);
         self.tail = Some(Tail {
-            due: now + imin / 2 + self.rng.random_range(0..imin / 2 + 1),
-            gap_ms: imin,
+            due: now + imin / 4 + self.rng.random_range(0..imin / 4),
+            gap_ms: imin / 2,
             remaining: count,
             consistent_heard: false,
         });
