@@ -33,7 +33,7 @@ use nix::sys::socket::{
     self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, SockaddrIn,
     SockaddrIn6,
 };
-use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Default IPv4 group (administratively scoped, DESIGN section 4).
 pub const GROUP_V4_DEFAULT: Ipv4Addr = Ipv4Addr::new(239, 255, 73, 73);
@@ -116,9 +116,7 @@ impl GroupSocket {
     /// interface of the route to the group (the no `--interface` default).
     pub fn join(&self, ifindex: u32) -> io::Result<()> {
         match self.group {
-            IpAddr::V4(v4) => self
-                .socket
-                .join_multicast_v4_n(&v4, &InterfaceIndexOrAddress::Index(ifindex)),
+            IpAddr::V4(v4) => set_ip_mreqn(&self.socket, libc::IP_ADD_MEMBERSHIP, v4, ifindex),
             IpAddr::V6(v6) => self.socket.join_multicast_v6(&v6, ifindex),
         }
     }
@@ -127,9 +125,7 @@ impl GroupSocket {
     /// interface is already gone, and harmless.
     pub fn leave(&self, ifindex: u32) -> io::Result<()> {
         match self.group {
-            IpAddr::V4(v4) => self
-                .socket
-                .leave_multicast_v4_n(&v4, &InterfaceIndexOrAddress::Index(ifindex)),
+            IpAddr::V4(v4) => set_ip_mreqn(&self.socket, libc::IP_DROP_MEMBERSHIP, v4, ifindex),
             IpAddr::V6(v6) => self.socket.leave_multicast_v6(&v6, ifindex),
         }
     }
@@ -143,7 +139,12 @@ impl GroupSocket {
             IpAddr::V4(v4) => {
                 let dest = SockaddrIn::from(SocketAddrV4::new(v4, self.port));
                 if ifindex != self.multicast_if.get() {
-                    set_multicast_if_index_v4(&self.socket, ifindex)?;
+                    set_ip_mreqn(
+                        &self.socket,
+                        libc::IP_MULTICAST_IF,
+                        Ipv4Addr::UNSPECIFIED,
+                        ifindex,
+                    )?;
                     self.multicast_if.set(ifindex);
                 }
                 socket::sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&dest))
@@ -183,27 +184,53 @@ impl AsRawFd for GroupSocket {
     }
 }
 
-/// Sets `IP_MULTICAST_IF` by interface index (`struct ip_mreqn`, Linux
-/// 3.5+), which neither socket2 nor nix offers. Used instead of an
-/// `IP_PKTINFO` control message per send: qemu-user passes control messages
-/// through without byte-order conversion, so on big-endian targets the
-/// index arrived scrambled (ENODEV), while this option is converted.
+/// Sets an IPv4 multicast option that takes a `struct ip_mreqn` (group and
+/// interface index): `IP_ADD_MEMBERSHIP`, `IP_DROP_MEMBERSHIP` and
+/// `IP_MULTICAST_IF` (by index, Linux 3.5+, which neither socket2 nor nix
+/// offers).
+///
+/// Two qemu-user quirks shape it, because the test suite runs under qemu
+/// for the router CPUs. `IP_MULTICAST_IF` replaces an `IP_PKTINFO` control
+/// message per send: qemu passes control messages through without
+/// byte-order conversion, so on big-endian targets the index arrived
+/// scrambled (ENODEV), while this option is converted. And qemu declares
+/// `imr_ifindex` as a C long: on a 64-bit guest it converts the index only
+/// when the option is 16 bytes long, and otherwise hands the kernel an
+/// uninitialised index (ENODEV). The kernel reads the first 12 bytes of
+/// anything at least that long, so the request carries a zeroed tail up to
+/// the size of a long: correct on every kernel, and under qemu too.
 #[allow(unsafe_code)]
-fn set_multicast_if_index_v4(socket: &Socket, ifindex: u32) -> io::Result<()> {
-    let request = libc::ip_mreqn {
-        imr_multiaddr: libc::in_addr { s_addr: 0 },
-        imr_address: libc::in_addr { s_addr: 0 },
-        imr_ifindex: ifindex as libc::c_int,
+fn set_ip_mreqn(
+    socket: &Socket,
+    option: libc::c_int,
+    group: Ipv4Addr,
+    ifindex: u32,
+) -> io::Result<()> {
+    #[repr(C)]
+    struct PaddedMreqn {
+        request: libc::ip_mreqn,
+        tail: [u8; TAIL],
+    }
+    const TAIL: usize = std::mem::size_of::<libc::c_long>() - std::mem::size_of::<libc::c_int>();
+    let padded = PaddedMreqn {
+        request: libc::ip_mreqn {
+            imr_multiaddr: libc::in_addr {
+                s_addr: u32::from(group).to_be(),
+            },
+            imr_address: libc::in_addr { s_addr: 0 },
+            imr_ifindex: ifindex as libc::c_int,
+        },
+        tail: [0; TAIL],
     };
-    // SAFETY: `request` is a valid, initialised ip_mreqn that outlives the
-    // call, and the length passed is exactly its size.
+    // SAFETY: `padded` is fully initialised and outlives the call, and the
+    // length passed is exactly its size.
     let result = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::IPPROTO_IP,
-            libc::IP_MULTICAST_IF,
-            (&request as *const libc::ip_mreqn).cast(),
-            std::mem::size_of::<libc::ip_mreqn>() as libc::socklen_t,
+            option,
+            (&padded as *const PaddedMreqn).cast(),
+            std::mem::size_of::<PaddedMreqn>() as libc::socklen_t,
         )
     };
     if result == 0 {
