@@ -726,7 +726,7 @@ impl Driver {
             .engine
             .store()
             .iter()
-            .filter_map(|(key, entry)| entry.value.as_deref().map(|value| (key, value)))
+            .filter_map(|(key, entry)| entry.value.map(|value| (key, value)))
             .collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut out = String::from("{");

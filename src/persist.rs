@@ -201,7 +201,7 @@ fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
             ",\"t\":{},\"o\":\"{}\"",
             entry.version.hlc.0, entry.version.origin
         )?;
-        match &entry.value {
+        match entry.value {
             None => out.write_all(b",\"d\":1}")?,
             Some(value) if is_json(value) => {
                 out.write_all(b",\"v\":")?;

@@ -103,7 +103,7 @@ impl Gateway for Engine {
     fn data(&self) -> BTreeMap<String, Vec<u8>> {
         self.store()
             .iter()
-            .filter_map(|(key, entry)| Some((key.to_owned(), entry.value.as_deref()?.to_vec())))
+            .filter_map(|(key, entry)| Some((key.to_owned(), entry.value?.to_vec())))
             .collect()
     }
     fn digest(&self) -> u64 {
@@ -119,7 +119,7 @@ impl Gateway for Engine {
             entries: self
                 .store()
                 .iter()
-                .map(|(key, entry)| (key.to_owned(), entry.clone()))
+                .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
                 .collect(),
             blob: Vec::new(),
         }

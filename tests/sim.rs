@@ -21,7 +21,11 @@ struct Oracle {
 impl Oracle {
     fn write(&mut self, sim: &mut Sim, node: usize, key: &str, value: Option<&[u8]>) {
         sim.write(node, key, value);
-        let Some(entry) = engine(sim, node).store().get(key).cloned() else {
+        let Some(entry) = engine(sim, node)
+            .store()
+            .get(key)
+            .map(|entry| entry.to_owned())
+        else {
             return;
         };
         let wins = self.winners.get(key).is_none_or(|old| {

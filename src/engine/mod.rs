@@ -470,7 +470,7 @@ impl Engine {
 
     /// The current value of a key; `None` when absent or deleted.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
-        self.store.get(key).and_then(|entry| entry.value.as_deref())
+        self.store.get(key).and_then(|entry| entry.value)
     }
 
     /// Writes a value (opaque bytes; the APIs above keep it JSON).
@@ -963,7 +963,7 @@ impl Engine {
         let keys = std::mem::take(&mut self.pending_push);
         let entries: Vec<(String, Entry)> = keys
             .into_iter()
-            .filter_map(|key| self.store.get(&key).cloned().map(|entry| (key, entry)))
+            .filter_map(|key| self.store.get(&key).map(|entry| (key, entry.to_owned())))
             .collect();
         self.send_entries(
             None,
@@ -1094,7 +1094,7 @@ impl Engine {
         let entries: Vec<(String, Entry)> = self
             .store
             .bucket_entries(bucket as usize)
-            .map(|(key, entry)| (key.to_owned(), entry.clone()))
+            .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
             .collect();
         let sent = self.send_entries(
             Some(tag),

@@ -21,8 +21,6 @@
 //! them in. All hashing is over explicit big-endian bytes, so digests are
 //! identical on every architecture and byte order.
 
-use std::collections::BTreeMap;
-
 use super::clock::{Hlc, Version};
 
 /// Number of digest buckets. A power of two; changing it changes the wire
@@ -53,6 +51,7 @@ impl Default for StoreLimits {
 }
 
 /// One entry: a version and a JSON value, or no value for a tombstone.
+/// The owned form, as merged in and read from the wire or a state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub version: Version,
@@ -64,13 +63,40 @@ impl Entry {
         self.value.is_none()
     }
 
+    pub fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            version: self.version,
+            value: self.value.as_deref(),
+        }
+    }
+}
+
+/// A stored entry, borrowed from the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub version: Version,
+    pub value: Option<&'a [u8]>,
+}
+
+impl EntryRef<'_> {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    pub fn to_owned(self) -> Entry {
+        Entry {
+            version: self.version,
+            value: self.value.map(Into::into),
+        }
+    }
+
     fn size(&self, key: &str) -> usize {
-        key.len() + self.value.as_ref().map_or(0, |value| value.len())
+        key.len() + self.value.map_or(0, <[u8]>::len)
     }
 
     /// The total order used to merge: version first, then contents.
-    fn beats(&self, other: &Entry) -> bool {
-        (self.version, self.value.as_deref()) > (other.version, other.value.as_deref())
+    fn beats(&self, other: &EntryRef<'_>) -> bool {
+        (self.version, self.value) > (other.version, other.value)
     }
 }
 
@@ -107,7 +133,7 @@ pub struct BucketSummary {
 
 #[derive(Clone, Debug, Default)]
 struct Bucket {
-    entries: BTreeMap<Box<str>, Entry>,
+    entries: SortedEntries,
     digest: u64,
     /// Cached because repair compares it for every bucket of every digest
     /// message; it only grows on insert and is recomputed on removal.
@@ -126,10 +152,114 @@ impl Bucket {
     fn recompute_max_hlc(&mut self) {
         self.max_hlc = self
             .entries
-            .values()
-            .map(|entry| entry.version.hlc)
+            .versions()
+            .map(|version| version.hlc)
             .max()
             .unwrap_or(Hlc::ZERO);
+    }
+}
+
+/// One stored entry: the key and the value share one allocation, because
+/// memory is the scarce resource on a router and most entries are small
+/// (a separate allocation each would cost more than the bytes themselves).
+#[derive(Clone, Debug)]
+struct Slot {
+    version: Version,
+    key_then_value: Box<[u8]>,
+    key_len: u32,
+    tombstone: bool,
+}
+
+impl Slot {
+    fn new(key: &str, entry: EntryRef<'_>) -> Slot {
+        let value = entry.value.unwrap_or_default();
+        let mut key_then_value = Vec::with_capacity(key.len() + value.len());
+        key_then_value.extend_from_slice(key.as_bytes());
+        key_then_value.extend_from_slice(value);
+        Slot {
+            version: entry.version,
+            key_then_value: key_then_value.into_boxed_slice(),
+            key_len: key.len() as u32,
+            tombstone: entry.value.is_none(),
+        }
+    }
+
+    fn key_bytes(&self) -> &[u8] {
+        &self.key_then_value[..self.key_len as usize]
+    }
+
+    fn key(&self) -> &str {
+        // Slots are only built from a `&str` key, so this cannot fail; the
+        // fallback keeps a broken invariant from becoming a panic.
+        std::str::from_utf8(self.key_bytes()).unwrap_or_default()
+    }
+
+    fn entry(&self) -> EntryRef<'_> {
+        EntryRef {
+            version: self.version,
+            value: (!self.tombstone).then(|| &self.key_then_value[self.key_len as usize..]),
+        }
+    }
+}
+
+/// One bucket's entries, sorted by key. A sorted vector instead of a
+/// `BTreeMap` for memory too: a bucket holds tens to a few hundred entries,
+/// where B-tree nodes stay about half full and cost nearly twice the
+/// entries' own size, and where inserting by shifting is cheap. Growth is
+/// in small steps for the same reason.
+#[derive(Clone, Debug, Default)]
+struct SortedEntries(Vec<Slot>);
+
+impl SortedEntries {
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        // Byte order is str order, and skips re-validating UTF-8 per step.
+        self.0
+            .binary_search_by(|slot| slot.key_bytes().cmp(key.as_bytes()))
+    }
+
+    fn get(&self, key: &str) -> Option<EntryRef<'_>> {
+        self.position(key).ok().map(|index| self.0[index].entry())
+    }
+
+    /// Stores `entry` under `key`; returns the hash of the entry it
+    /// replaced, 0 if none.
+    fn insert(&mut self, key: &str, entry: EntryRef<'_>) -> u64 {
+        let slot = Slot::new(key, entry);
+        match self.position(key) {
+            Ok(index) => {
+                let old = std::mem::replace(&mut self.0[index], slot);
+                entry_hash(key, old.entry())
+            }
+            Err(index) => {
+                if self.0.len() == self.0.capacity() {
+                    self.0.reserve_exact(self.0.len() / 8 + 1);
+                }
+                self.0.insert(index, slot);
+                0
+            }
+        }
+    }
+
+    /// Removes `key`; returns the hash and size of what was removed.
+    fn remove(&mut self, key: &str) -> Option<(u64, usize)> {
+        let index = self.position(key).ok()?;
+        let old = self.0.remove(index);
+        if self.0.capacity() > 2 * self.0.len() + 8 {
+            self.0.shrink_to(self.0.len() + self.0.len() / 8);
+        }
+        Some((entry_hash(key, old.entry()), old.entry().size(key)))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, EntryRef<'_>)> {
+        self.0.iter().map(|slot| (slot.key(), slot.entry()))
+    }
+
+    fn versions(&self) -> impl Iterator<Item = Version> {
+        self.0.iter().map(|slot| slot.version)
     }
 }
 
@@ -174,14 +304,14 @@ pub fn bucket_of(key: &str) -> usize {
     (StableHasher::new().write(key.as_bytes()).finish() as usize) & (BUCKETS - 1)
 }
 
-fn entry_hash(key: &str, entry: &Entry) -> u64 {
+fn entry_hash(key: &str, entry: EntryRef<'_>) -> u64 {
     let mut hasher = StableHasher::new();
     hasher
         .write(&(key.len() as u32).to_be_bytes())
         .write(key.as_bytes())
         .write(&entry.version.hlc.0.to_be_bytes())
         .write(&entry.version.origin.0.to_be_bytes());
-    match &entry.value {
+    match entry.value {
         Some(value) => hasher.write(&[1]).write(value),
         None => hasher.write(&[0]),
     };
@@ -223,7 +353,7 @@ impl Store {
         self.bytes
     }
 
-    pub fn get(&self, key: &str) -> Option<&Entry> {
+    pub fn get(&self, key: &str) -> Option<EntryRef<'_>> {
         self.buckets[bucket_of(key)].entries.get(key)
     }
 
@@ -232,18 +362,13 @@ impl Store {
     }
 
     /// The entries of one bucket, in key order.
-    pub fn bucket_entries(&self, bucket: usize) -> impl Iterator<Item = (&str, &Entry)> {
-        self.buckets[bucket]
-            .entries
-            .iter()
-            .map(|(key, entry)| (&**key, entry))
+    pub fn bucket_entries(&self, bucket: usize) -> impl Iterator<Item = (&str, EntryRef<'_>)> {
+        self.buckets[bucket].entries.iter()
     }
 
     /// Every entry, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        self.buckets
-            .iter()
-            .flat_map(|bucket| bucket.entries.iter().map(|(key, entry)| (&**key, entry)))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, EntryRef<'_>)> {
+        self.buckets.iter().flat_map(|bucket| bucket.entries.iter())
     }
 
     /// The newest timestamp held; a restarted clock resumes after it.
@@ -266,7 +391,7 @@ impl Store {
         Ok(())
     }
 
-    fn expired(&self, entry: &Entry, now: Hlc) -> bool {
+    fn expired(&self, entry: EntryRef<'_>, now: Hlc) -> bool {
         entry.is_tombstone()
             && entry
                 .version
@@ -279,18 +404,19 @@ impl Store {
     /// Merges one entry by the last-writer-wins rule. `now` is the local
     /// clock's current timestamp, used only to recognise expired tombstones.
     pub fn merge(&mut self, key: &str, entry: Entry, now: Hlc) -> Merged {
-        if let Err(rejected) = self.check(key, entry.value.as_deref()) {
+        let entry = entry.as_ref();
+        if let Err(rejected) = self.check(key, entry.value) {
             return Merged::Rejected(rejected);
         }
         let bucket_index = bucket_of(key);
         let old = self.buckets[bucket_index].entries.get(key);
         if let Some(old) = old {
-            if !entry.beats(old) {
+            if !entry.beats(&old) {
                 return Merged::Stale;
             }
         }
         let old_size = old.map_or(0, |old| old.size(key));
-        if self.expired(&entry, now) {
+        if self.expired(entry, now) {
             if old.is_none() {
                 return Merged::Stale;
             }
@@ -304,13 +430,10 @@ impl Store {
         {
             return Merged::Rejected(Rejected::StoreFull);
         }
-        let hash = entry_hash(key, &entry);
+        let hash = entry_hash(key, entry);
         let bucket = &mut self.buckets[bucket_index];
         bucket.max_hlc = bucket.max_hlc.max(entry.version.hlc);
-        let old_hash = bucket
-            .entries
-            .insert(key.into(), entry)
-            .map_or(0, |old| entry_hash(key, &old));
+        let old_hash = bucket.entries.insert(key, entry);
         bucket.digest ^= old_hash ^ hash;
         self.digest ^= old_hash ^ hash;
         self.entries = new_entries;
@@ -320,13 +443,12 @@ impl Store {
 
     fn remove(&mut self, bucket_index: usize, key: &str) {
         let bucket = &mut self.buckets[bucket_index];
-        if let Some(old) = bucket.entries.remove(key) {
-            let hash = entry_hash(key, &old);
+        if let Some((hash, size)) = bucket.entries.remove(key) {
             bucket.recompute_max_hlc();
             bucket.digest ^= hash;
             self.digest ^= hash;
             self.entries -= 1;
-            self.bytes -= old.size(key);
+            self.bytes -= size;
         }
     }
 
@@ -340,8 +462,8 @@ impl Store {
                 bucket
                     .entries
                     .iter()
-                    .filter(|(_, entry)| self.expired(entry, now))
-                    .map(move |(key, _)| (index, key.clone()))
+                    .filter(|(_, entry)| self.expired(*entry, now))
+                    .map(move |(key, _)| (index, Box::<str>::from(key)))
             })
             .collect();
         for (index, key) in &expired {
