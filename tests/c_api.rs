@@ -2,7 +2,9 @@
 //! and real C programs (tests/c/*.c, examples/c/gateway.c), compiled with
 //! the system `cc` against include/gwsync.h and libgwsync.a with the link
 //! line of gwsync.pc, sync with each other over loopback multicast, under
-//! valgrind's memcheck and helgrind where it is installed.
+//! valgrind's memcheck and helgrind where it is installed. Under a cross
+//! test the same programs are built with the cross gcc for the router CPU
+//! and run under qemu (see [`CToolchain`]); only valgrind's checks skip.
 //!
 //! libgwsync.a comes from the same cargo build as this test (the library
 //! has the `staticlib` crate type, so building the test builds it); when it
@@ -21,7 +23,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{TempDir, unique_port};
+use common::{TempDir, target_command, unique_port};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
 /// valgrind runs code 20 to 100 times slower.
@@ -40,6 +42,20 @@ fn profile_dir() -> PathBuf {
         .to_owned()
 }
 
+/// The target triple under a cross test (the test runs from
+/// target/<triple>/<profile>/deps), `None` on the host (target/<profile>).
+/// Told by where the target directory's CACHEDIR.TAG is: cargo may write
+/// one into target/<triple> too.
+fn cross_triple() -> Option<String> {
+    let parent = profile_dir().parent().expect("target dir").to_owned();
+    let target_dir = parent.parent()?;
+    if !target_dir.join("CACHEDIR.TAG").exists() {
+        return None;
+    }
+    let triple = parent.file_name().and_then(|name| name.to_str());
+    Some(triple.expect("target triple").to_owned())
+}
+
 /// libgwsync.a, fresh: `cargo test` builds the library's staticlib under
 /// target/<profile>/deps with a hash in its name and does not copy it up to
 /// target/<profile>/libgwsync.a, so this runs `cargo build --lib` with the
@@ -53,12 +69,17 @@ fn staticlib() -> PathBuf {
             cargo.args(["build", "--lib"]).current_dir(manifest_dir());
             let parent = profile.parent().expect("target dir");
             // target/<triple>/<profile> when built with --target.
-            let target_dir = if parent.join("CACHEDIR.TAG").exists() {
-                parent
-            } else {
-                let triple = parent.file_name().and_then(|name| name.to_str());
-                cargo.args(["--target", triple.expect("target triple")]);
-                parent.parent().expect("target dir")
+            let target_dir = match cross_triple() {
+                None => parent,
+                Some(triple) => {
+                    cargo.args(["--target", &triple]);
+                    // ../shared/cross builds std from source for the router
+                    // CPUs, which have no prebuilt one in its toolchain.
+                    if std::env::var_os("RUSTC_BOOTSTRAP").is_some() {
+                        cargo.arg("-Zbuild-std=std,panic_abort");
+                    }
+                    parent.parent().expect("target dir")
+                }
             };
             cargo.env("CARGO_TARGET_DIR", target_dir);
             match profile.file_name().and_then(|name| name.to_str()) {
@@ -135,18 +156,20 @@ fn compile(source: &str) -> PathBuf {
     std::fs::create_dir_all(&out_dir).unwrap();
     let name = Path::new(source).file_stem().unwrap().to_str().unwrap();
     let exe = out_dir.join(name);
+    let toolchain = c_toolchain().expect("a C toolchain (checked by can_build_c)");
     let (cflags, libs) = pc_flags(lib.parent().unwrap());
-    let output = Command::new("cc")
-        .args([
-            "-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-pthread",
-        ])
+    let output = Command::new(&toolchain.cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .args(&toolchain.cflags)
         .args(&cflags)
+        .args(&toolchain.link_before)
         .arg(manifest_dir().join(source))
         .arg("-o")
         .arg(&exe)
-        .args(&libs)
+        .args(toolchain.libs(&libs))
+        .args(&toolchain.link_after)
         .output()
-        .expect("run cc");
+        .expect("run the C compiler");
     assert!(
         output.status.success(),
         "cc {source} failed:\n{}",
@@ -156,31 +179,129 @@ fn compile(source: &str) -> PathBuf {
     exe
 }
 
-/// Whether the system `cc` builds for the CPU these tests run on. Under
-/// qemu (scripts/ci-cross.sh) the tests are MIPS code and `cc` is the
-/// host's: C programs cannot be linked with the MIPS libgwsync.a, so the
-/// C tests skip there, saying so.
-fn can_build_c() -> bool {
-    static MATCHES: OnceLock<bool> = OnceLock::new();
-    let matches = *MATCHES.get_or_init(|| {
-        let machine = Command::new("cc")
-            .arg("-dumpmachine")
-            .output()
-            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-            .unwrap_or_default();
-        machine.starts_with(std::env::consts::ARCH)
-    });
-    if !matches {
-        eprintln!(
-            "SKIPPED: the system cc does not build for {} (cross test under qemu)",
-            std::env::consts::ARCH
-        );
+/// How C programs are built for the CPU these tests run on: the system
+/// `cc` on the host; under a cross test (scripts/ci-cross.sh) the cross gcc
+/// that ../shared/cross names in `CC_<triple>`, with its `CFLAGS_<triple>`.
+/// musl targets link statically against the toolchain's self-contained
+/// musl, as rustc links the tests, so qemu needs no sysroot; glibc targets
+/// link as on the host and run with the runner's sysroot.
+struct CToolchain {
+    cc: String,
+    cflags: Vec<String>,
+    link_before: Vec<String>,
+    link_after: Vec<String>,
+    /// Static musl: libc.a holds pthread, libm and the rest, so of
+    /// gwsync.pc's Libs (written for glibc) only the library itself is kept.
+    musl_static: bool,
+}
+
+impl CToolchain {
+    fn libs(&self, pc_libs: &[String]) -> Vec<String> {
+        if !self.musl_static {
+            let mut libs = pc_libs.to_vec();
+            libs.push("-pthread".into());
+            return libs;
+        }
+        pc_libs
+            .iter()
+            .filter(|word| word.starts_with("-L") || *word == "-lgwsync")
+            .cloned()
+            .collect()
     }
-    matches
+}
+
+/// The toolchain, or why there is none.
+fn c_toolchain() -> Result<&'static CToolchain, &'static str> {
+    static TOOLCHAIN: OnceLock<Result<CToolchain, String>> = OnceLock::new();
+    TOOLCHAIN
+        .get_or_init(|| {
+            let Some(triple) = cross_triple() else {
+                return Ok(CToolchain {
+                    cc: "cc".into(),
+                    cflags: Vec::new(),
+                    link_before: Vec::new(),
+                    link_after: Vec::new(),
+                    musl_static: false,
+                });
+            };
+            let var = |prefix: &str| std::env::var(format!("{prefix}_{}", triple.replace('-', "_")));
+            let cc = var("CC").map_err(|_| {
+                format!(
+                    "no cross C compiler for {triple} (CC_{} unset; ../shared/cross/cross-test.sh sets it)",
+                    triple.replace('-', "_")
+                )
+            })?;
+            let cflags = var("CFLAGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            if !triple.contains("musl") {
+                return Ok(CToolchain {
+                    cc,
+                    cflags,
+                    link_before: Vec::new(),
+                    link_after: Vec::new(),
+                    musl_static: false,
+                });
+            }
+            let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+            let libdir = Command::new(&rustc)
+                .args(["--target", &triple, "--print", "target-libdir"])
+                .output()
+                .map_err(|error| format!("{rustc} --print target-libdir: {error}"))?;
+            let libdir = String::from_utf8_lossy(&libdir.stdout).trim().to_owned();
+            let musl = Path::new(&libdir).join("self-contained");
+            if !musl.join("libc.a").exists() {
+                return Err(format!("no self-contained musl in {}", musl.display()));
+            }
+            let object = |name: &str| musl.join(name).display().to_string();
+            Ok(CToolchain {
+                cc,
+                cflags,
+                link_before: vec![
+                    "-nostartfiles".into(),
+                    object("crt1.o"),
+                    object("crti.o"),
+                    object("crtbegin.o"),
+                ],
+                link_after: vec![
+                    format!("-L{}", musl.display()),
+                    "-Wl,-Bstatic".into(),
+                    "-lunwind".into(),
+                    "-lc".into(),
+                    "-static".into(),
+                    "-no-pie".into(),
+                    "-nodefaultlibs".into(),
+                    "-Wl,--gc-sections".into(),
+                    object("crtend.o"),
+                    object("crtn.o"),
+                ],
+                musl_static: true,
+            })
+        })
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+/// Whether C programs can be built for the CPU these tests run on; says
+/// why not when they cannot, and the test then skips.
+fn can_build_c() -> bool {
+    match c_toolchain() {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
 }
 
 /// Whether valgrind is there; without it a test skips, unless CI is set.
 fn have_valgrind() -> bool {
+    if let Some(triple) = cross_triple() {
+        eprintln!("SKIPPED: valgrind checks host code, not {triple} under qemu");
+        return false;
+    }
     let found = Command::new("valgrind")
         .arg("--version")
         .output()
@@ -372,7 +493,7 @@ fn start_node_keyed(
     let exe = compile("tests/c/node.c");
     let mut command = match wrap {
         Some(wrap) => wrap(&exe),
-        None => Command::new(&exe),
+        None => target_command(&exe),
     };
     command.arg(port.to_string()).arg(node_id(index));
     command.args(key_file);
@@ -448,7 +569,7 @@ fn every_call_returns_its_documented_error() {
         return;
     }
     let exe = compile("tests/c/api_contract.c");
-    let mut command = Command::new(exe);
+    let mut command = target_command(exe);
     let state = TempDir::new("c-api-contract");
     command.arg(unique_port().to_string()).arg(state.path());
     let mut program = Program::spawn("api_contract", command, SYNC_TIMEOUT);
@@ -591,7 +712,7 @@ fn thread_mode(wrap: Option<fn(&Path) -> Command>) {
     let exe = compile("tests/c/threads.c");
     let mut command = match wrap {
         Some(wrap) => wrap(&exe),
-        None => Command::new(&exe),
+        None => target_command(&exe),
     };
     command.arg(port.to_string()).arg(own_id_of_threads());
     let mut threads = Program::spawn("threads", command, timeout);
@@ -644,7 +765,7 @@ fn example_gateway_syncs_with_a_node() {
     }
     let port = unique_port();
     let exe = compile("examples/c/gateway.c");
-    let mut command = Command::new(exe);
+    let mut command = target_command(exe);
     command.args(["lo", &port.to_string()]);
     let mut node = start_node(port, 3, None);
     let mut gateway = Program::spawn("gateway", command, SYNC_TIMEOUT);

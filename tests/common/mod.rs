@@ -13,27 +13,41 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gwsync");
 
-/// The words that run the gwsync binary: under a cross test the binary is
-/// for another CPU, so it runs through the same emulator cargo uses for the
-/// tests (`CARGO_TARGET_<TRIPLE>_RUNNER`, set by ../shared/cross).
-pub fn gwsync_argv() -> Vec<String> {
-    let runner = std::env::vars()
+/// The emulator cargo runs this target's programs through, as words
+/// (`CARGO_TARGET_<TRIPLE>_RUNNER`, set by ../shared/cross for a cross
+/// test); empty on the host.
+pub fn runner_argv() -> Vec<String> {
+    std::env::vars()
         .find(|(name, _)| name.starts_with("CARGO_TARGET_") && name.ends_with("_RUNNER"))
-        .map(|(_, runner)| runner);
-    let mut argv: Vec<String> = runner
-        .iter()
-        .flat_map(|runner| runner.split_whitespace().map(str::to_owned))
-        .collect();
+        .map(|(_, runner)| runner.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The words that run the gwsync binary: under a cross test the binary is
+/// for another CPU, so it runs through the runner.
+pub fn gwsync_argv() -> Vec<String> {
+    let mut argv = runner_argv();
     argv.push(BIN.to_owned());
     argv
 }
 
+/// A command that runs a program built for the target CPU: gwsync, or a C
+/// program linked with libgwsync.a.
+pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let runner = runner_argv();
+    match runner.split_first() {
+        Some((emulator, args)) => {
+            let mut command = Command::new(emulator);
+            command.args(args).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A command that runs the gwsync binary (see [`gwsync_argv`]).
 pub fn gwsync_command() -> Command {
-    let argv = gwsync_argv();
-    let mut command = Command::new(&argv[0]);
-    command.args(&argv[1..]);
-    command
+    target_command(BIN)
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
