@@ -290,7 +290,7 @@ fn can_build_c() -> bool {
     match c_toolchain() {
         Ok(_) => true,
         Err(why) => {
-            eprintln!("SKIPPED: {why}");
+            common::skip(why);
             false
         }
     }
@@ -299,7 +299,9 @@ fn can_build_c() -> bool {
 /// Whether valgrind is there; without it a test skips, unless CI is set.
 fn have_valgrind() -> bool {
     if let Some(triple) = cross_triple() {
-        eprintln!("SKIPPED: valgrind checks host code, not {triple} under qemu");
+        common::skip(&format!(
+            "valgrind checks host code, not {triple} under qemu"
+        ));
         return false;
     }
     let found = Command::new("valgrind")
@@ -311,7 +313,7 @@ fn have_valgrind() -> bool {
             std::env::var_os("CI").is_none(),
             "valgrind is not installed but CI is set: install it (apt-get install valgrind)"
         );
-        eprintln!("SKIPPED: valgrind is not installed (apt-get install valgrind); CI unset");
+        common::skip("valgrind is not installed (apt-get install valgrind); CI unset");
     }
     found
 }
@@ -543,7 +545,7 @@ fn pkg_config_gives_the_link_line() {
             std::env::var_os("CI").is_none(),
             "pkg-config is not installed but CI is set"
         );
-        eprintln!("SKIPPED: pkg-config is not installed");
+        common::skip("pkg-config is not installed");
         return;
     }
     let output = Command::new("pkg-config")

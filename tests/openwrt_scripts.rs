@@ -17,6 +17,8 @@
 //! the test that needs it is skipped with a message, except under CI (`CI`
 //! set), where it fails.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -55,7 +57,9 @@ fn tool(name: &str) -> Option<PathBuf> {
         if std::env::var_os("CI").is_some() {
             panic!("`{name}` is not installed; CI must install it (apt-get install {name})");
         }
-        eprintln!("SKIPPED: `{name}` is not installed (Debian: apt-get install {name})");
+        common::skip(&format!(
+            "`{name}` is not installed (Debian: apt-get install {name})"
+        ));
     }
     found
 }

@@ -78,6 +78,14 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// Says that a test skipped, and why, where the person running the tests
+/// sees it: the harness captures `eprintln!` of passing tests, but not
+/// writes to the stderr handle.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -318,7 +326,9 @@ impl Lan {
     /// `None` (after printing why) when not root: namespaces need it.
     pub fn new(test: &str, nodes: usize) -> Option<Lan> {
         if !is_root() {
-            eprintln!("SKIP {test}: network namespace tests need root (CI runs them as root)");
+            skip(&format!(
+                "{test}: network namespace tests need root (CI runs them as root)"
+            ));
             return None;
         }
         let tag = format!("gw{}x{}", std::process::id() % 100_000, unique());
