@@ -441,6 +441,7 @@ fn store_record(index: usize) -> String {
 /// but not gwsync. Returns (gwsync, alfred) per minute.
 fn idle_windows(
     counters: &BridgeCounters,
+    daemons: &[Daemon],
     settled: Instant,
     window: Duration,
     meanwhile: impl FnOnce(),
@@ -458,13 +459,56 @@ fn idle_windows(
         .since(alfred_start.1)
         .per_minute(alfred_start.0.elapsed());
     let gwsync_started = Instant::now();
+    let daemon_counters = group_counters(daemons);
     meanwhile();
     std::thread::sleep(window.saturating_sub(gwsync_started.elapsed()));
     let gwsync_end: Traffic = counters.snapshot().0;
+    // What the group sent and dropped in the window, by kind: an idle
+    // figure above a few datagrams per minute is explained by this line.
+    let sent_and_dropped: Vec<String> = group_counters(daemons)
+        .into_iter()
+        .filter_map(|(name, end)| {
+            let delta = end - daemon_counters.get(&name).copied().unwrap_or(0);
+            (delta > 0).then(|| format!("{name} {delta}"))
+        })
+        .collect();
+    let digests: std::collections::BTreeSet<String> = daemons
+        .iter()
+        .map(|daemon| daemon.status()["digest"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    eprintln!(
+        "gwsync idle window: {}; {} distinct digest(s) at its end",
+        sent_and_dropped.join(", "),
+        digests.len()
+    );
     let gwsync = gwsync_end
         .since(gwsync_start)
         .per_minute(gwsync_started.elapsed());
     (gwsync, alfred)
+}
+
+/// The counters of `gwsync status` (drop reasons as `dropped.<reason>`)
+/// summed over the group.
+fn group_counters(daemons: &[Daemon]) -> std::collections::BTreeMap<String, u64> {
+    let mut sums = std::collections::BTreeMap::new();
+    for daemon in daemons {
+        let status = daemon.status();
+        let counters = status["counters"].as_object().cloned().unwrap_or_default();
+        for (name, value) in counters {
+            let mut add = |name: String, value: &serde_json::Value| {
+                *sums.entry(name).or_insert(0) += value.as_u64().unwrap_or(0);
+            };
+            match value.as_object() {
+                Some(reasons) => {
+                    for (reason, count) in reasons {
+                        add(format!("{name}.{reason}"), count);
+                    }
+                }
+                None => add(name, &value),
+            }
+        }
+    }
+    sums
 }
 
 fn run(nodes: usize, options: &Options) -> Vec<Row> {
@@ -517,7 +561,7 @@ fn run(nodes: usize, options: &Options) -> Vec<Row> {
         (None, None)
     } else {
         progress("idle windows (10 entries)");
-        let (gwsync, alfred) = idle_windows(&counters, settled, options.window, || {
+        let (gwsync, alfred) = idle_windows(&counters, &daemons, settled, options.window, || {
             (alfred_lossless, alfred_cpu) = alfred_measurements();
         });
         (Some(gwsync), Some(alfred))
@@ -569,7 +613,7 @@ fn run(nodes: usize, options: &Options) -> Vec<Row> {
         (None, None)
     } else {
         progress("idle windows (large store)");
-        let (gwsync, alfred) = idle_windows(&counters, settled, options.window, || {});
+        let (gwsync, alfred) = idle_windows(&counters, &daemons, settled, options.window, || {});
         (Some(gwsync), Some(alfred))
     };
     progress("large store, 10 % loss");
