@@ -459,22 +459,23 @@ fn idle_windows(
         .since(alfred_start.1)
         .per_minute(alfred_start.0.elapsed());
     let gwsync_started = Instant::now();
-    let daemon_counters = group_counters(daemons);
+    let counters_before = group_counters(&statuses(daemons));
     meanwhile();
     std::thread::sleep(window.saturating_sub(gwsync_started.elapsed()));
     let gwsync_end: Traffic = counters.snapshot().0;
     // What the group sent and dropped in the window, by kind: an idle
     // figure above a few datagrams per minute is explained by this line.
-    let sent_and_dropped: Vec<String> = group_counters(daemons)
+    let statuses_after = statuses(daemons);
+    let sent_and_dropped: Vec<String> = group_counters(&statuses_after)
         .into_iter()
         .filter_map(|(name, end)| {
-            let delta = end - daemon_counters.get(&name).copied().unwrap_or(0);
+            let delta = end - counters_before.get(&name).copied().unwrap_or(0);
             (delta > 0).then(|| format!("{name} {delta}"))
         })
         .collect();
-    let digests: std::collections::BTreeSet<String> = daemons
+    let digests: std::collections::BTreeSet<&str> = statuses_after
         .iter()
-        .map(|daemon| daemon.status()["digest"].as_str().unwrap_or("?").to_owned())
+        .map(|status| status["digest"].as_str().unwrap_or("?"))
         .collect();
     eprintln!(
         "gwsync idle window: {}; {} distinct digest(s) at its end",
@@ -487,12 +488,15 @@ fn idle_windows(
     (gwsync, alfred)
 }
 
+fn statuses(daemons: &[Daemon]) -> Vec<serde_json::Value> {
+    daemons.iter().map(Daemon::status).collect()
+}
+
 /// The counters of `gwsync status` (drop reasons as `dropped.<reason>`)
 /// summed over the group.
-fn group_counters(daemons: &[Daemon]) -> std::collections::BTreeMap<String, u64> {
+fn group_counters(statuses: &[serde_json::Value]) -> std::collections::BTreeMap<String, u64> {
     let mut sums = std::collections::BTreeMap::new();
-    for daemon in daemons {
-        let status = daemon.status();
+    for status in statuses {
         let counters = status["counters"].as_object().cloned().unwrap_or_default();
         for (name, value) in counters {
             let mut add = |name: String, value: &serde_json::Value| {

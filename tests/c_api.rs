@@ -196,6 +196,18 @@ struct CToolchain {
 }
 
 impl CToolchain {
+    /// A compiler that links as the host does (dynamically, with the
+    /// system libraries gwsync.pc lists).
+    fn dynamic(cc: String, cflags: Vec<String>) -> CToolchain {
+        CToolchain {
+            cc,
+            cflags,
+            link_before: Vec::new(),
+            link_after: Vec::new(),
+            musl_static: false,
+        }
+    }
+
     fn libs(&self, pc_libs: &[String]) -> Vec<String> {
         if !self.musl_static {
             let mut libs = pc_libs.to_vec();
@@ -216,19 +228,13 @@ fn c_toolchain() -> Result<&'static CToolchain, &'static str> {
     TOOLCHAIN
         .get_or_init(|| {
             let Some(triple) = cross_triple() else {
-                return Ok(CToolchain {
-                    cc: "cc".into(),
-                    cflags: Vec::new(),
-                    link_before: Vec::new(),
-                    link_after: Vec::new(),
-                    musl_static: false,
-                });
+                return Ok(CToolchain::dynamic("cc".into(), Vec::new()));
             };
-            let var = |prefix: &str| std::env::var(format!("{prefix}_{}", triple.replace('-', "_")));
+            let suffix = triple.replace('-', "_");
+            let var = |prefix: &str| std::env::var(format!("{prefix}_{suffix}"));
             let cc = var("CC").map_err(|_| {
                 format!(
-                    "no cross C compiler for {triple} (CC_{} unset; ../shared/cross/cross-test.sh sets it)",
-                    triple.replace('-', "_")
+                    "no cross C compiler for {triple} (CC_{suffix} unset; ../shared/cross/cross-test.sh sets it)"
                 )
             })?;
             let cflags = var("CFLAGS")
@@ -237,13 +243,7 @@ fn c_toolchain() -> Result<&'static CToolchain, &'static str> {
                 .map(str::to_owned)
                 .collect();
             if !triple.contains("musl") {
-                return Ok(CToolchain {
-                    cc,
-                    cflags,
-                    link_before: Vec::new(),
-                    link_after: Vec::new(),
-                    musl_static: false,
-                });
+                return Ok(CToolchain::dynamic(cc, cflags));
             }
             let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
             let libdir = Command::new(&rustc)
