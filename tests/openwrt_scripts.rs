@@ -1,6 +1,6 @@
 //! The OpenWrt packaging, tested off the device.
 //!
-//! `init.d/gwsync` and `openwrt/files/gwsync.hotplug` run unchanged under
+//! `init.d/gwsync` and `openwrt/gwsync/files/gwsync.hotplug` run unchanged under
 //! busybox ash (the shell OpenWrt has) against the stand-ins in
 //! `tests/openwrt/`: a uci parser, a network map and a procd API that records
 //! its calls. `IPKG_INSTROOT` points the scripts at a temporary root holding
@@ -8,7 +8,7 @@
 //! the service procd would receive (instances with their parameters, and the
 //! triggers) and compared whole, so an extra or missing parameter fails.
 //!
-//! `openwrt/Makefile` cannot be built without the OpenWrt SDK, so it is
+//! `openwrt/gwsync/Makefile` cannot be built without the OpenWrt SDK, so it is
 //! checked statically for what the packages feed's Rust helpers and review
 //! rules need, and its recipes are run by GNU make against a minimal
 //! stand-in of the SDK's make includes.
@@ -108,7 +108,7 @@ impl Root {
             &dir.join("etc/init.d/gwsync"),
         );
         copy_file(
-            &repo().join("openwrt/files/gwsync.hotplug"),
+            &repo().join("openwrt/gwsync/files/gwsync.hotplug"),
             &dir.join("etc/hotplug.d/iface/95-gwsync"),
         );
         Some(Root { dir, busybox })
@@ -356,7 +356,7 @@ fn init_shipped_config_starts_daemon_on_lan_with_defaults() {
     let Some(root) = Root::new("shipped") else {
         return;
     };
-    root.config(&read(&repo().join("openwrt/files/gwsync.config")));
+    root.config(&read(&repo().join("openwrt/gwsync/files/gwsync.config")));
     root.networks(&[("lan", "br-lan"), ("wan", "eth1")]);
     root.init("start");
     assert_eq!(
@@ -890,8 +890,8 @@ fn hotplug_returns_before_the_trigger_finishes() {
 
 const SCRIPTS: [&str; 3] = [
     "init.d/gwsync",
-    "openwrt/files/gwsync.hotplug",
-    "openwrt/test.sh",
+    "openwrt/gwsync/files/gwsync.hotplug",
+    "openwrt/gwsync/test.sh",
 ];
 
 #[test]
@@ -954,7 +954,7 @@ fn busybox_ash_parses_the_scripts() {
 
 #[test]
 fn shipped_config_shows_every_option_the_scripts_read() {
-    let config = read(&repo().join("openwrt/files/gwsync.config"));
+    let config = read(&repo().join("openwrt/gwsync/files/gwsync.config"));
     let init = read(&repo().join("init.d/gwsync"));
     assert!(config.lines().any(|l| l == "config gwsync 'main'"));
     for option in [
@@ -982,7 +982,7 @@ fn shipped_config_shows_every_option_the_scripts_read() {
 // ---------------------------------------------------------------- Makefile
 
 fn makefile() -> String {
-    read(&repo().join("openwrt/Makefile"))
+    read(&repo().join("openwrt/gwsync/Makefile"))
 }
 
 /// The value of `NAME:=value` at the start of a line.
@@ -1015,7 +1015,10 @@ fn cargo_package_field(field: &str) -> String {
 fn define_block<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
     let header = format!("define {name}");
     let mut lines = text.lines().skip_while(|l| l.trim_end() != header);
-    assert!(lines.next().is_some(), "no `{header}` in openwrt/Makefile");
+    assert!(
+        lines.next().is_some(),
+        "no `{header}` in openwrt/gwsync/Makefile"
+    );
     lines.take_while(|l| l.trim() != "endef").collect()
 }
 
@@ -1150,7 +1153,7 @@ fn makefile_recipes_are_tab_indented() {
             );
         }
     }
-    assert!(!mk.contains('\r'), "CRLF in openwrt/Makefile");
+    assert!(!mk.contains('\r'), "CRLF in openwrt/gwsync/Makefile");
 }
 
 #[test]
@@ -1188,7 +1191,7 @@ fn makefile_builds_and_stages_the_static_library() {
 
 #[test]
 fn pkg_config_template_is_relocatable() {
-    let pc = read(&repo().join("openwrt/files/gwsync.pc.in"));
+    let pc = read(&repo().join("openwrt/gwsync/files/gwsync.pc.in"));
     let field = |name: &str| {
         pc.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1206,7 +1209,7 @@ fn pkg_config_template_is_relocatable() {
 // ------------------------------------------------- Makefile recipes under make
 
 /// Minimal stand-ins for the SDK's make includes: just enough for
-/// openwrt/Makefile to expand, with every recipe exposed as a target.
+/// openwrt/gwsync/Makefile to expand, with every recipe exposed as a target.
 const FAKE_RULES_MK: &str = "\
 INCLUDE_DIR:=$(TOPDIR)/include
 INSTALL_DIR:=install -d -m0755
@@ -1301,7 +1304,7 @@ fn makefile_recipes_install_and_stage_the_right_files() {
         format!("DESTDIR={}", dest.display()),
         format!("STAGING={}", staging.display()),
     ];
-    let mk_dir = repo().join("openwrt");
+    let mk_dir = repo().join("openwrt/gwsync");
 
     // Prepare copies the crate (not target/) into the build directory.
     run_make(&mk_dir, &topdir, &vars, "prepare");
@@ -1310,7 +1313,7 @@ fn makefile_recipes_install_and_stage_the_right_files() {
         "Cargo.lock",
         "src",
         "init.d/gwsync",
-        "openwrt/Makefile",
+        "openwrt/gwsync/Makefile",
     ] {
         assert!(build.join(f).exists(), "prepare did not copy {f}");
     }
@@ -1394,11 +1397,11 @@ fn makefile_recipes_install_and_stage_the_right_files() {
     assert_eq!(mode(&dest.join("etc/config/gwsync")), 0o600);
     assert_eq!(
         read(&dest.join("etc/config/gwsync")),
-        read(&repo().join("openwrt/files/gwsync.config"))
+        read(&repo().join("openwrt/gwsync/files/gwsync.config"))
     );
     assert_eq!(
         read(&dest.join("etc/hotplug.d/iface/95-gwsync")),
-        read(&repo().join("openwrt/files/gwsync.hotplug"))
+        read(&repo().join("openwrt/gwsync/files/gwsync.hotplug"))
     );
 
     assert!(staging.join("usr/include/gwsync.h").is_file());
