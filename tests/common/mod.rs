@@ -86,6 +86,13 @@ pub fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
+/// Says that a test cannot run on this platform by its nature (an x86_64-only
+/// tool while the test binary runs under the cross emulator, say), as opposed
+/// to a missing precondition on the host, which [`skip`] reports.
+pub fn skip_on_emulator(why: &str) {
+    skip(why);
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
