@@ -12,6 +12,8 @@
 //! {"op":"dump"}                         {"ok":true,"data":{"home/1":<JSON>,...}}
 //! {"op":"status"}                       {"ok":true,"status":{...}}
 //! {"op":"trigger","reason":"network-up"} {"ok":true}
+//! {"op":"load","entries":[{"k":"home/1","v":<JSON>},...]}
+//!     {"ok":true,"applied":N,"unchanged":N,"kept_newer":N,"rejected":N,"errors":["..."]}
 //! {"op":"watch"}                        {"ok":true} then one line per change:
 //!     {"key":"home/1","value":<JSON>,"origin":"<node id>"}
 //!     {"key":"home/1","deleted":true,"origin":"<node id>"}
@@ -91,6 +93,11 @@ impl fmt::Display for ControlError {
             ControlError::InUse(path) => {
                 write!(f, "a daemon is already serving {}", path.display())
             }
+            ControlError::Bind(path, error) if error.kind() == io::ErrorKind::NotFound => write!(
+                f,
+                "cannot listen on {}: its directory does not exist (gwsync does not create it)",
+                path.display()
+            ),
             ControlError::Bind(path, error) => {
                 write!(f, "cannot listen on {}: {error}", path.display())
             }
@@ -129,9 +136,8 @@ impl ControlServer {
             }
             let _ = std::fs::remove_file(path);
         }
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
+        // The directory is never created here: a typo in --socket must not
+        // leave directories behind, and a missing /var/run is worth hearing.
         // The umask makes the socket 0600 from its first moment, with no
         // window in which another user could connect.
         let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -288,7 +294,7 @@ fn error_reply(code: ErrorCode, message: &str) -> String {
     serde_json::json!({"ok": false, "error": code.name(), "message": message}).to_string()
 }
 
-fn write_error(error: SetError) -> (ErrorCode, String) {
+fn write_error(driver: &Driver, key: &str, value: &str, error: SetError) -> (ErrorCode, String) {
     let code = match &error {
         SetError::InvalidJson(_) => ErrorCode::InvalidJson,
         SetError::Write(WriteError::InvalidKey) => ErrorCode::InvalidKey,
@@ -296,7 +302,7 @@ fn write_error(error: SetError) -> (ErrorCode, String) {
         SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
         SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
     };
-    (code, error.to_string())
+    (code, driver.explain(key, value, &error))
 }
 
 /// Takes a string field of a request.
@@ -338,6 +344,10 @@ pub enum Request {
     Status,
     Trigger(TriggerReason),
     Watch,
+    /// `entries` is the request's JSON array text, unparsed.
+    Load {
+        entries: String,
+    },
 }
 
 /// Parses one request line. Untrusted input (any local root process can
@@ -382,6 +392,13 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
             ))?)
         }
         "watch" => Request::Watch,
+        "load" => Request::Load {
+            entries: fields
+                .get("entries")
+                .ok_or((ErrorCode::BadRequest, "missing \"entries\"".to_owned()))?
+                .get()
+                .to_owned(),
+        },
         other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
     })
 }
@@ -393,30 +410,24 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
     };
     Ok(Answer::Reply(match parse_request(line)? {
         Request::Get { key } => {
-            let value = driver
-                .engine()
-                .get(&key)
-                .ok_or((ErrorCode::NotFound, format!("key not found: {key}")))?;
+            let value = driver.engine().get(&key).ok_or_else(|| {
+                (
+                    ErrorCode::NotFound,
+                    format!("key not found: {}", crate::engine::shown_key(&key)),
+                )
+            })?;
             let mut json = String::new();
             driver::push_json(&mut json, value);
             ok(Some(("value", json)))
         }
         Request::Set { key, value } => {
-            driver.set(&key, &value).map_err(|failure| match failure {
-                SetError::Write(WriteError::ValueTooLarge) => (
-                    ErrorCode::TooLarge,
-                    format!(
-                        "value is too large: {} bytes, the limit is {} bytes",
-                        value.len(),
-                        driver.engine().config().store.value_bytes_max
-                    ),
-                ),
-                other => write_error(other),
-            })?;
+            let result = driver.set(&key, &value);
+            result.map_err(|failure| write_error(driver, &key, &value, failure))?;
             ok(None)
         }
         Request::Del { key } => {
-            driver.delete(&key).map_err(write_error)?;
+            let result = driver.delete(&key);
+            result.map_err(|failure| write_error(driver, &key, "", failure))?;
             ok(None)
         }
         Request::List { prefix } => ok(Some((
@@ -430,6 +441,20 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
             ok(None)
         }
         Request::Watch => return Ok(Answer::Watch),
+        Request::Load { entries } => {
+            let entries = crate::persist::parse_load_entries(&entries)
+                .map_err(|message| (ErrorCode::BadRequest, format!("\"entries\": {message}")))?;
+            let report = driver.load(entries);
+            serde_json::json!({
+                "ok": true,
+                "applied": report.applied,
+                "unchanged": report.unchanged,
+                "kept_newer": report.kept_newer,
+                "rejected": report.rejected,
+                "errors": report.errors,
+            })
+            .to_string()
+        }
     }))
 }
 

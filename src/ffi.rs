@@ -47,7 +47,7 @@ pub const GWSYNC_OK: c_int = 0;
 pub const GWSYNC_NO_DEADLINE: c_int = -1;
 /// An argument is wrong: a NULL pointer, text that is not UTF-8, a value or
 /// configuration that is not valid JSON, an unknown configuration key or
-/// trigger reason, an empty key.
+/// trigger reason, an empty key or one holding a control character.
 pub const GWSYNC_ERR_INVALID: c_int = -2;
 /// The key holds no value (`gwsync_get`, `gwsync_delete`).
 pub const GWSYNC_ERR_NOT_FOUND: c_int = -3;
@@ -611,16 +611,26 @@ fn driver_config(json: &str) -> Result<(DriverConfig, log::LevelFilter), Error> 
     Ok((config, level))
 }
 
-fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
+fn write_result(
+    driver: &Driver,
+    key: &str,
+    value: &str,
+    result: Result<(), SetError>,
+) -> Result<(), Error> {
     result.map_err(|e| {
         let code = match &e {
             SetError::InvalidJson(_) => GWSYNC_ERR_INVALID,
-            SetError::Write(WriteError::InvalidKey) => GWSYNC_ERR_TOO_LARGE,
+            SetError::Write(WriteError::InvalidKey)
+                if key.len() > driver.engine().config().store.key_bytes_max =>
+            {
+                GWSYNC_ERR_TOO_LARGE
+            }
+            SetError::Write(WriteError::InvalidKey) => GWSYNC_ERR_INVALID,
             SetError::Write(WriteError::ValueTooLarge) => GWSYNC_ERR_TOO_LARGE,
             SetError::Write(WriteError::StoreFull) => GWSYNC_ERR_FULL,
             SetError::Write(WriteError::NotFound) => GWSYNC_ERR_NOT_FOUND,
         };
-        error(code, e.to_string())
+        error(code, driver.explain(key, value, &e))
     })
 }
 
@@ -785,8 +795,10 @@ pub unsafe extern "C" fn gwsync_set(
             )
         };
         let key = non_empty_key(key)?;
-        g.shared
-            .change(|driver| write_result(driver.set(key, value)))?;
+        g.shared.change(|driver| {
+            let result = driver.set(key, value);
+            write_result(driver, key, value, result)
+        })?;
         Ok(GWSYNC_OK)
     })
 }
@@ -842,7 +854,10 @@ pub unsafe extern "C" fn gwsync_delete(g: *mut gwsync_t, key: *const c_char) -> 
         // SAFETY: forwarded from the caller.
         let (g, key) = unsafe { (handle(g)?, text(key, "key")?) };
         let key = non_empty_key(key)?;
-        g.shared.change(|driver| write_result(driver.delete(key)))?;
+        g.shared.change(|driver| {
+            let result = driver.delete(key);
+            write_result(driver, key, "", result)
+        })?;
         Ok(GWSYNC_OK)
     })
 }

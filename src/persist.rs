@@ -257,18 +257,7 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
             .o
             .parse::<NodeId>()
             .map_err(|_| format!("bad origin {:?} for key {:?}", entry.o, entry.k))?;
-        let value: Option<Box<[u8]>> = if entry.d != 0 {
-            None
-        } else if let Some(hex) = entry.b {
-            Some(
-                decode_hex(hex)
-                    .ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?
-                    .into(),
-            )
-        } else {
-            // `"v":null` deserialises as no value; it was a JSON null.
-            Some(entry.v.map_or("null", RawValue::get).as_bytes().into())
-        };
+        let value = entry_value(&entry.k, entry.v, entry.d, entry.b)?;
         let version = Version {
             hlc: Hlc(entry.t),
             origin,
@@ -276,6 +265,69 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
         entries.push((entry.k, Entry { version, value }));
     }
     Ok((Hlc(file.clock), entries))
+}
+
+fn entry_value(
+    key: &str,
+    v: Option<&RawValue>,
+    d: u8,
+    b: Option<&str>,
+) -> Result<Option<Box<[u8]>>, String> {
+    Ok(if d != 0 {
+        None
+    } else if let Some(hex) = b {
+        Some(
+            decode_hex(hex)
+                .ok_or_else(|| format!("bad hex value for key {key:?}"))?
+                .into(),
+        )
+    } else {
+        // `"v":null` deserialises as no value; it was a JSON null.
+        Some(v.map_or("null", RawValue::get).as_bytes().into())
+    })
+}
+
+/// One entry of a `load` request: a state file's entry, whose version
+/// (`t` and `o`) may be missing when it came from a plain `dump`.
+#[derive(Deserialize)]
+struct LoadEntry<'a> {
+    k: String,
+    #[serde(default)]
+    t: Option<u64>,
+    #[serde(default)]
+    o: Option<&'a str>,
+    #[serde(default, borrow)]
+    v: Option<&'a RawValue>,
+    #[serde(default)]
+    d: u8,
+    #[serde(default)]
+    b: Option<&'a str>,
+}
+
+/// An entry to load: key, version if known, value (`None`: a tombstone).
+pub type Loadable = (String, Option<Version>, Option<Box<[u8]>>);
+
+/// Parses the entries of a `load` request (a JSON array in the state
+/// file's entry format; `t` and `o` optional).
+pub fn parse_load_entries(json: &str) -> Result<Vec<Loadable>, String> {
+    let entries: Vec<LoadEntry> = serde_json::from_str(json).map_err(|error| error.to_string())?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            let version = match (entry.t, entry.o) {
+                (Some(t), Some(o)) => Some(Version {
+                    hlc: Hlc(t),
+                    origin: o
+                        .parse::<NodeId>()
+                        .map_err(|_| format!("bad origin {o:?} for key {:?}", entry.k))?,
+                }),
+                (None, None) => None,
+                _ => return Err(format!("key {:?}: \"t\" and \"o\" go together", entry.k)),
+            };
+            let value = entry_value(&entry.k, entry.v, entry.d, entry.b)?;
+            Ok((entry.k, version, value))
+        })
+        .collect()
 }
 
 pub fn decode_hex(text: &str) -> Option<Vec<u8>> {

@@ -296,10 +296,10 @@ fn can_build_c() -> bool {
     }
 }
 
-/// Whether valgrind is there; without it a test skips, unless CI is set.
+/// Whether valgrind is there; without it a test skips (fails under CI).
 fn have_valgrind() -> bool {
     if let Some(triple) = cross_triple() {
-        common::skip(&format!(
+        common::skip_on_emulator(&format!(
             "valgrind checks host code, not {triple} under qemu"
         ));
         return false;
@@ -309,11 +309,7 @@ fn have_valgrind() -> bool {
         .output()
         .is_ok_and(|output| output.status.success());
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "valgrind is not installed but CI is set: install it (apt-get install valgrind)"
-        );
-        common::skip("valgrind is not installed (apt-get install valgrind); CI unset");
+        common::skip("valgrind is not installed (apt-get install valgrind)");
     }
     found
 }
@@ -541,11 +537,7 @@ fn header_is_fresh() {
 fn pkg_config_gives_the_link_line() {
     let found = Command::new("pkg-config").arg("--version").output().is_ok();
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "pkg-config is not installed but CI is set"
-        );
-        common::skip("pkg-config is not installed");
+        common::skip("pkg-config is not installed (apt-get install pkg-config)");
         return;
     }
     let output = Command::new("pkg-config")
