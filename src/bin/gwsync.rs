@@ -436,7 +436,7 @@ fn run_parsed(parsed: Parsed) -> Result<(), Failure> {
             };
             return Err(usage(format!(
                 "{name}: unknown option {}{hint}",
-                shown(option)
+                option.escape_debug()
             )));
         }
     }

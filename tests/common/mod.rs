@@ -260,6 +260,13 @@ impl Daemon {
         );
     }
 
+    /// A CLI command against this daemon, to run with other stdio.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = gwsync_command();
+        command.arg("--socket").arg(&self.socket).args(args);
+        command
+    }
+
     /// Runs a CLI command against this daemon.
     pub fn cli(&self, args: &[&str]) -> CliResult {
         let mut full = vec!["--socket", self.socket.to_str().unwrap()];
