@@ -1268,11 +1268,12 @@ fn demo() -> Result<(), Failure> {
         ..DriverConfig::default()
     };
     println!("gwsync demo: three gateways on the loopback interface acting out the method.\n");
-    println!("1. Apart, each gateway writes its own version of {key}:");
+    println!("1. Apart, each gateway writes its own value for {key}:");
     for (index, name) in names.iter().enumerate() {
         let mut driver = Driver::open(config_for(index, free_port()))
             .map_err(|failure| error(failure.to_string()))?;
-        let value = format!("{{\"version\":{},\"written_by\":\"{}\"}}", index + 1, name);
+        let scene = ["morning", "away", "movie"][index];
+        let value = format!("{{\"scene\":\"{scene}\",\"written_by\":\"{name}\"}}");
         driver
             .set(key, &value)
             .map_err(|failure| error(failure.to_string()))?;
@@ -1364,12 +1365,12 @@ fn demo() -> Result<(), Failure> {
                 );
             }
         }
-        let all_v3 = drivers.iter().all(|(_, driver)| {
+        let all_newest = drivers.iter().all(|(_, driver)| {
             driver
                 .get(key)
-                .is_some_and(|value| value.contains("\"version\":3"))
+                .is_some_and(|value| value.contains("\"written_by\":\"gw3\""))
         });
-        if all_v3 && converged_at.is_none() {
+        if all_newest && converged_at.is_none() {
             converged_at = Some(start.elapsed());
         }
         if converged_at.is_some() && last_datagram.elapsed() > Duration::from_millis(500) {
@@ -1382,7 +1383,8 @@ fn demo() -> Result<(), Failure> {
     match converged_at {
         Some(elapsed) => {
             println!(
-                "\n3. All three gateways hold version 3 after {} ms; the older ones took it and stayed quiet.",
+                "\n3. After {} ms all three gateways hold gw3's write, the newest. Sync requests \
+                 after that carry the same digest as every other gateway's, so none needs an answer.",
                 elapsed.as_millis()
             );
             Ok(())
