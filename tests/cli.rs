@@ -489,3 +489,69 @@ fn skips_fail_under_ci_and_are_counted_outside_it() {
         );
     }
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_its_command_line_starts_a_daemon() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/gwsync.service"),
+    )
+    .unwrap();
+    let exec: String = unit
+        .split("ExecStart=")
+        .nth(1)
+        .expect("an ExecStart line")
+        .lines()
+        .map(|line| line.trim().trim_end_matches('\\').to_owned())
+        .take_while(|line| !line.contains('='))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(words[0], "/usr/local/sbin/gwsync", "{exec}");
+    let dir = TempDir::new("cli-systemd");
+    // Its flags, with the paths moved into the test's directory.
+    let key = key_file(dir.path());
+    let state = dir.path().join("state");
+    let socket = dir.path().join("gwsync.sock");
+    let args: Vec<String> = words[1..]
+        .iter()
+        .map(|word| match *word {
+            "/var/lib/gwsync" => state.to_str().unwrap().to_owned(),
+            "/etc/gwsync.key" => key.clone(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let mut child = gwsync_command()
+        .args(&args)
+        .args(["--interface", "lo", "--port", &unique_port().to_string()])
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the unit's daemon answers", Duration::from_secs(10), || {
+        with_env(&["health"], &socket).code == 0
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let Ok(analyze) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        common::skip("systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    };
+    assert!(analyze.status.success());
+    let copy = dir.path().join("gwsync.service");
+    std::fs::write(&copy, unit.replace("/usr/local/sbin/gwsync", common::BIN)).unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+}
