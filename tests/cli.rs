@@ -555,3 +555,43 @@ fn the_systemd_unit_verifies_and_its_command_line_starts_a_daemon() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_readme_starts_with_the_two_commands_and_lists_real_commands() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let first: Vec<&str> = readme
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .take(3)
+        .collect();
+    assert!(
+        first[1]
+            .trim_start()
+            .starts_with("cargo run --release -- demo"),
+        "{first:?}"
+    );
+    assert!(first[2].trim_start().starts_with("cargo test"), "{first:?}");
+    let section = readme
+        .split("## The command line")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a command line section");
+    let mut seen = 0;
+    for line in section.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("gwsync ") else {
+            continue;
+        };
+        let command = rest.split([' ', '|']).next().unwrap();
+        if command.starts_with('-') || !command.chars().all(|c| c.is_ascii_lowercase()) {
+            continue;
+        }
+        let help = gwsync(&["help", command]);
+        assert_eq!(help.code, 0, "README mentions `gwsync {command}`: {help:?}");
+        seen += 1;
+    }
+    assert!(
+        seen >= COMMANDS.len() - 3,
+        "only {seen} commands found in the README"
+    );
+}

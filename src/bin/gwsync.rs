@@ -407,21 +407,21 @@ fn with_hint(mut failure: Failure, command: Option<&Command>) -> Failure {
 fn run_parsed(parsed: Parsed) -> Result<(), Failure> {
     let Some(command) = parsed.command else {
         if parsed.help {
-            print!("{}", overview());
+            say(&overview());
             return Ok(());
         }
         if parsed.version {
-            println!("gwsync {VERSION}");
+            say(&format!("gwsync {VERSION}\n"));
             return Ok(());
         }
         return Err(usage("no command given"));
     };
     if parsed.help {
-        print!("{}", command_help(command));
+        say(&command_help(command));
         return Ok(());
     }
     if parsed.version {
-        println!("gwsync {VERSION}");
+        say(&format!("gwsync {VERSION}\n"));
         return Ok(());
     }
     let name = command.name;
@@ -467,18 +467,18 @@ fn run_parsed(parsed: Parsed) -> Result<(), Failure> {
         "genkey" => genkey(),
         "demo" => demo(),
         "version" => {
-            println!("gwsync {VERSION}");
+            say(&format!("gwsync {VERSION}\n"));
             Ok(())
         }
         "help" => match parsed.positional.first() {
             None => {
-                print!("{}", overview());
+                say(&overview());
                 Ok(())
             }
             Some(topic) => {
                 let topic = find_command(topic)
                     .ok_or_else(|| usage(format!("help: unknown command: {}", shown(topic))))?;
-                print!("{}", command_help(topic));
+                say(&command_help(topic));
                 Ok(())
             }
         },
@@ -507,6 +507,13 @@ fn run_parsed(parsed: Parsed) -> Result<(), Failure> {
             client(socket.unwrap_or_else(default_socket), request)
         }
     }
+}
+
+/// Prints to stdout; a closed stdout (`gwsync help | head -1`) is not an
+/// error worth a panic.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn value_of(flag: &str, value: Option<String>) -> Result<String, Failure> {
@@ -957,13 +964,13 @@ fn load(socket: &Path, file: &str) -> Result<(), Failure> {
         }
     }
     let count = |name: &str| totals.get(name).copied().unwrap_or(0);
-    println!(
-        "loaded {file}: {} applied, {} unchanged, {} kept (newer here), {} rejected",
+    say(&format!(
+        "loaded {file}: {} applied, {} unchanged, {} kept (newer here), {} rejected\n",
         count("applied"),
         count("unchanged"),
         count("kept_newer"),
         count("rejected")
-    );
+    ));
     if count("rejected") == 0 {
         return Ok(());
     }
@@ -1210,7 +1217,10 @@ fn health(socket: &Path, min_peers: usize) -> Result<(), Failure> {
         Some(ms) => format!(", last heard {}", ago(ms)),
         None => String::new(),
     };
-    println!("ok: {} gateway(s) heard{in_sync}{heard}", peers.len());
+    say(&format!(
+        "ok: {} gateway(s) heard{in_sync}{heard}\n",
+        peers.len()
+    ));
     Ok(())
 }
 
@@ -1219,7 +1229,7 @@ fn genkey() -> Result<(), Failure> {
     let mut key = [0u8; 32];
     rand::rngs::StdRng::from_os_rng().fill_bytes(&mut key);
     let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
-    println!("{hex}");
+    say(&format!("{hex}\n"));
     Ok(())
 }
 
