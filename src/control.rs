@@ -535,8 +535,25 @@ mod tests {
                 prefix: String::new()
             })
         );
+        assert_eq!(
+            parse_request(br#"{"op":"load","entries":[{"k":"a","v":1}]}"#),
+            Ok(Request::Load {
+                entries: r#"[{"k":"a","v":1}]"#.to_owned()
+            })
+        );
+        let half_versioned = r#"[{"k":"a","t":5,"v":1}]"#;
+        assert!(crate::persist::parse_load_entries(half_versioned).is_err());
+        let both = crate::persist::parse_load_entries(
+            r#"[{"k":"a","v":{"x":1}},{"k":"b","t":5,"o":"00000000000000aa","d":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(both[0].1, None);
+        assert_eq!(both[0].2.as_deref(), Some(&b"{\"x\":1}"[..]));
+        assert_eq!(both[1].1.map(|version| version.hlc.0), Some(5));
+        assert_eq!(both[1].2, None);
         for bad in [
             &b"[1]"[..],
+            b"{\"op\":\"load\"}",
             b"{\"op\":7}",
             b"{\"op\":\"get\"}",
             b"{\"op\":\"explode\"}",
