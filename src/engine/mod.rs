@@ -190,7 +190,7 @@ impl WriteError {
         match self {
             WriteError::InvalidKey if key.is_empty() => "the key is empty".to_owned(),
             WriteError::InvalidKey if key.len() > limits.key_bytes_max => format!(
-                "key {shown} is {} bytes; the limit is {} bytes",
+                "key {shown} is too long: {} bytes; the limit is {} bytes",
                 key.len(),
                 limits.key_bytes_max
             ),
@@ -205,7 +205,7 @@ impl WriteError {
                 )
             }
             WriteError::ValueTooLarge => format!(
-                "value for key {shown} is {value_bytes} bytes; the limit is {} bytes",
+                "value for key {shown} is too large: {value_bytes} bytes; the limit is {} bytes",
                 limits.value_bytes_max
             ),
             WriteError::StoreFull => format!(
