@@ -93,7 +93,12 @@ extern "C" fn print_skip_summary() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED: {count} test(s) of {} did not run (reasons above; they count as \"ok\" in cargo's summary)",
-            std::env::args().next().unwrap_or_default()
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned()))
+                .unwrap_or_default()
         );
     }
 }
