@@ -105,17 +105,51 @@ fn every_command_has_its_own_help_with_exit_code_0() {
 
 #[test]
 fn usage_errors_are_one_line_and_a_hint_with_exit_code_2() {
-    for (args, says) in [
-        (&["set", "k"][..], "missing JSON"),
-        (&["get"][..], "missing KEY"),
-        (&["get", "a", "b"][..], "unexpected argument"),
-        (&["get", "--json", "k"][..], "unknown option --json"),
-        (&["frobnicate"][..], "unknown command"),
-        (&[][..], "no command given"),
-        (&["daemon", "--bogus"][..], "unknown option"),
-        (&["trigger", "sometime"][..], "unknown reason"),
-        (&["set", "k", "not json"][..], "not valid JSON"),
-        (&["health", "--min-peers", "many"][..], "not a number"),
+    for (args, says, hint) in [
+        (&["set", "k"][..], "missing JSON", "gwsync help set"),
+        (&["get"][..], "missing KEY", "gwsync help get"),
+        (
+            &["get", "a", "b"][..],
+            "unexpected argument",
+            "gwsync help get",
+        ),
+        (
+            &["get", "--json", "k"][..],
+            "unknown option --json",
+            "gwsync help get",
+        ),
+        (&["frobnicate"][..], "unknown command", "gwsync help"),
+        (&[][..], "no command given", "gwsync help"),
+        (
+            &["daemon", "--bogus"][..],
+            "unknown option",
+            "gwsync help daemon",
+        ),
+        (
+            &["trigger", "sometime"][..],
+            "unknown reason",
+            "gwsync help trigger",
+        ),
+        (
+            &["set", "k", "not json"][..],
+            "not valid JSON",
+            "gwsync help set",
+        ),
+        (
+            &["health", "--min-peers", "many"][..],
+            "not a number",
+            "gwsync help health",
+        ),
+        (
+            &["health", "--min-peers"][..],
+            "needs a value",
+            "gwsync help health",
+        ),
+        (
+            &["list", "--json=yes"][..],
+            "takes no value",
+            "gwsync help list",
+        ),
     ] {
         let result = gwsync(args);
         assert_eq!(result.code, 2, "{args:?}: {result:?}");
@@ -123,7 +157,7 @@ fn usage_errors_are_one_line_and_a_hint_with_exit_code_2() {
         assert_eq!(lines.len(), 2, "{args:?}: {}", result.stderr);
         assert!(lines[0].contains(says), "{args:?}: {}", result.stderr);
         assert!(
-            lines[1].contains("gwsync help"),
+            lines[1].contains(hint),
             "{args:?}: no hint: {}",
             result.stderr
         );

@@ -313,8 +313,15 @@ fn is_negative_number(arg: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
-fn parse_args(args: Vec<String>) -> Result<Parsed, Failure> {
+/// Parses the command line; a failure comes with the command it concerns,
+/// if one was named before it.
+fn parse_args(args: Vec<String>) -> Result<Parsed, (Failure, Option<&'static Command>)> {
     let mut parsed = Parsed::default();
+    parse_into(&mut parsed, args).map_err(|failure| (failure, parsed.command))?;
+    Ok(parsed)
+}
+
+fn parse_into(parsed: &mut Parsed, args: Vec<String>) -> Result<(), Failure> {
     let mut args = args.into_iter();
     let mut options_ended = false;
     while let Some(arg) = args.next() {
@@ -373,7 +380,7 @@ fn parse_args(args: Vec<String>) -> Result<Parsed, Failure> {
             }
         }
     }
-    Ok(parsed)
+    Ok(())
 }
 
 /// An argument as an error shows it: control characters escaped.
@@ -384,7 +391,7 @@ fn shown(arg: &str) -> String {
 fn run(args: Vec<String>) -> Result<(), Failure> {
     let parsed = match parse_args(args) {
         Ok(parsed) => parsed,
-        Err(failure) => return Err(with_hint(failure, None)),
+        Err((failure, command)) => return Err(with_hint(failure, command)),
     };
     let command = parsed.command;
     run_parsed(parsed).map_err(|failure| with_hint(failure, command))
