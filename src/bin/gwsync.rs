@@ -1025,7 +1025,8 @@ fn load_entries(text: &str) -> Result<Vec<String>, String> {
 fn ago(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms} ms ago"),
-        1_000..120_000 => format!("{:.1} s ago", ms as f64 / 1000.0),
+        // Integer arithmetic: float formatting costs flash.
+        1_000..120_000 => format!("{}.{} s ago", ms / 1000, ms % 1000 / 100),
         120_000..7_200_000 => format!("{} min ago", ms / 60_000),
         _ => format!("{} h ago", ms / 3_600_000),
     }
