@@ -988,7 +988,20 @@ fn status_summary(status: &Value) -> String {
         "open" => {
             "key: none (open group: any host on the LAN can read and change the data)\n".to_owned()
         }
-        other => format!("key: {other}\n"),
+        other => {
+            // Fingerprints, so two gateways' keys can be compared by eye.
+            let keys: Vec<String> = status["keys"]
+                .as_array()
+                .map(|keys| keys.iter().map(|key| text(&key["fingerprint"])).collect())
+                .unwrap_or_default();
+            match keys.len() {
+                0 => format!("key: {other}\n"),
+                _ => format!(
+                    "key: {other} (sending with {})\n",
+                    keys.join(", accepting ")
+                ),
+            }
+        }
     });
     let interfaces: Vec<String> = status["interfaces"]
         .as_array()
@@ -1007,10 +1020,18 @@ fn status_summary(status: &Value) -> String {
     if !interfaces.is_empty() {
         out.push_str(&format!("interfaces: {}\n", interfaces.join(", ")));
     }
+    let limits = &status["limits"];
+    let of = |name: &str| match limits[name].as_u64() {
+        Some(max) => format!(", max {max}"),
+        None => String::new(),
+    };
     out.push_str(&format!(
-        "data: {} keys, {} bytes, digest {}\n",
+        "data: {} keys ({} entries with deletes{}), {} bytes{}, digest {}\n",
         status["live_entries"].as_u64().unwrap_or(0),
+        status["entries"].as_u64().unwrap_or(0),
+        of("max_entries"),
         status["store_bytes"].as_u64().unwrap_or(0),
+        of("max_store_bytes"),
         status["digest"].as_str().unwrap_or("?"),
     ));
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
