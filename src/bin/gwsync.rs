@@ -61,7 +61,9 @@ the control socket. Options:
   --max-store-bytes N   store limit in bytes of keys and values (default 16777216)
   --tombstone-lifetime-s N
                         how long a delete is remembered (default 604800, 7 days)
-  --foreground          log to stderr instead of syslog",
+  --foreground          stay in the foreground and log to stderr
+  --syslog              with --foreground: log to syslog (what procd wants)
+  --ubus-socket PATH    ubusd's socket (default /var/run/ubus/ubus.sock; '' turns ubus off)",
         switches: &[],
         valued: &[],
         arity: (0, usize::MAX),
