@@ -619,6 +619,7 @@ fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
             SetError::Write(WriteError::ValueTooLarge) => GWSYNC_ERR_TOO_LARGE,
             SetError::Write(WriteError::StoreFull) => GWSYNC_ERR_FULL,
             SetError::Write(WriteError::NotFound) => GWSYNC_ERR_NOT_FOUND,
+            SetError::Write(WriteError::VersionExhausted) => GWSYNC_ERR_STATE,
         };
         error(code, e.to_string())
     })

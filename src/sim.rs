@@ -35,6 +35,8 @@ pub trait Gateway {
     fn poll_timeout(&self) -> u64;
     fn write(&mut self, now: u64, wall_ms: u64, key: &str, value: Option<&[u8]>);
     fn trigger(&mut self, now: u64);
+    /// The gateway's wall clock reads `wall_ms` at `now`.
+    fn set_wall_clock(&mut self, _now: u64, _wall_ms: u64) {}
     /// Live values (no tombstones), for convergence checks.
     fn data(&self) -> BTreeMap<String, Vec<u8>>;
     /// Equal on two gateways exactly when they hold the same data.
@@ -99,6 +101,10 @@ impl Gateway for Engine {
     }
     fn trigger(&mut self, now: u64) {
         Engine::trigger(self, now, TriggerReason::Manual);
+    }
+
+    fn set_wall_clock(&mut self, now: u64, wall_ms: u64) {
+        Engine::set_wall_clock(self, now, wall_ms);
     }
     fn data(&self) -> BTreeMap<String, Vec<u8>> {
         self.store()
@@ -239,8 +245,18 @@ impl Sim {
             clock_offset_ms: 0,
             partition: 0,
         });
+        self.tell_wall_clock(index);
         self.flush(index);
         index
+    }
+
+    /// Gives node `index` its wall clock, as the driver does before every
+    /// input.
+    fn tell_wall_clock(&mut self, index: usize) {
+        let (now, wall) = (self.now, self.wall_ms(index));
+        if let Some(gateway) = self.nodes[index].gateway.as_mut() {
+            gateway.set_wall_clock(now, wall);
+        }
     }
 
     pub fn now(&self) -> u64 {
@@ -318,6 +334,7 @@ impl Sim {
         let node = &mut self.nodes[index];
         let gateway = (self.factory)(index, node.node_id, seed, self.now, Some(&node.persisted));
         node.gateway = Some(gateway);
+        self.tell_wall_clock(index);
         self.flush(index);
     }
 
@@ -434,6 +451,7 @@ impl Sim {
             .is_some_and(|Reverse((at, ..))| *at <= now)
         {
             let Reverse((_, _, to, bytes)) = self.in_flight.pop().expect("peeked");
+            self.tell_wall_clock(to);
             if let Some(gateway) = self.nodes[to].gateway.as_mut() {
                 gateway.handle_datagram(now, &bytes);
                 self.flush(to);
@@ -445,6 +463,7 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|gateway| gateway.poll_timeout() <= now);
             if due {
+                self.tell_wall_clock(index);
                 if let Some(gateway) = self.nodes[index].gateway.as_mut() {
                     gateway.handle_timeout(now);
                 }

@@ -122,14 +122,7 @@ pub enum Merged {
     Rejected(Rejected),
 }
 
-/// Digest state of one bucket, as exchanged during repair.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BucketSummary {
-    pub digest: u64,
-    pub count: u32,
-    /// The newest timestamp in the bucket: the method's "newer data" test.
-    pub max_hlc: Hlc,
-}
+pub use crate::proto::BucketSummary;
 
 #[derive(Clone, Debug, Default)]
 struct Bucket {
