@@ -681,6 +681,25 @@ impl ReplayWindow {
         Ok(Accepted::Reordered)
     }
 
+    /// Takes `boot` as the sender's current boot even if it was retired.
+    /// For an open group, where headers are not authenticated: there
+    /// anyone can announce a boot under any id, and refusing the real boot
+    /// once a forged one retired it would silence the real sender.
+    pub fn switch_boot(&mut self, boot: u32, seq: u32) -> Accepted {
+        let retired_len = self.retired_len as usize;
+        if let Some(at) = self.retired[..retired_len].iter().position(|&b| b == boot) {
+            self.retired[at] = self.boot;
+        } else {
+            self.retire(self.boot);
+        }
+        self.boot = boot;
+        self.highest = seq;
+        self.first = seq;
+        self.seen = 1;
+        self.boot_changes = self.boot_changes.saturating_add(1);
+        Accepted::NewBoot
+    }
+
     fn retire(&mut self, boot: u32) {
         self.retired[self.retired_next as usize] = boot;
         self.retired_next = (self.retired_next + 1) % RETIRED_BOOTS_MAX as u8;
@@ -1124,6 +1143,16 @@ mod tests {
         assert_eq!(window.check(10, 1), Err(ReplayError::Duplicate));
         assert_eq!(window.boot(), 10);
         assert_eq!(window.boot_changes(), 1);
+    }
+
+    #[test]
+    fn an_open_group_can_switch_back_to_a_retired_boot() {
+        let mut window = ReplayWindow::new(9, 50);
+        assert_eq!(window.check(66, 1), Ok(Accepted::NewBoot));
+        assert_eq!(window.check(9, 51), Err(ReplayError::RetiredBoot));
+        assert_eq!(window.switch_boot(9, 51), Accepted::NewBoot);
+        assert_eq!(window.check(9, 52), Ok(Accepted::Next));
+        assert_eq!(window.check(66, 2), Err(ReplayError::RetiredBoot));
     }
 
     #[test]

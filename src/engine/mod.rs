@@ -267,6 +267,11 @@ pub struct Counters {
     /// Partial large values evicted to make room for a sender using less
     /// reassembly memory.
     pub reassembly_evictions: u64,
+    /// Entries found beyond the clock bound after our clock was set back:
+    /// others' are forgotten (the group refuses them too), ours written
+    /// again with a version from the corrected clock.
+    pub future_entries_forgotten: u64,
+    pub future_writes_restamped: u64,
     pub dropped: BTreeMap<DropReason, u64>,
 }
 
@@ -378,11 +383,12 @@ pub struct Engine {
     /// Our physical clock when we started: clash evidence must be newer.
     started_physical_ms: Option<u64>,
     last_node_id_change: Option<u64>,
-    /// The digest our last summary (or a consistent one heard) announced.
-    /// A differing summary is answered with bucket digests only once the
-    /// group has heard ours, so one forged summary draws summaries, not
-    /// digests.
-    announced_digest: Option<u64>,
+    /// The digest of our last summary, and when it went out.
+    announced: Option<(u64, u64)>,
+    /// When a summary differing from our data was first heard since the
+    /// last consistent one. Bucket digests answer a difference only when it
+    /// is heard again after our own summary went out (see `on_summary`).
+    difference_heard_at: Option<u64>,
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
@@ -427,7 +433,8 @@ impl Engine {
             wall_offset_ms: None,
             started_physical_ms: None,
             last_node_id_change: None,
-            announced_digest: None,
+            announced: None,
+            difference_heard_at: None,
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
             bucket_repaired_at: Box::new([None; BUCKETS]),
@@ -695,6 +702,43 @@ impl Engine {
             if self.store.purge_expired(physical) > 0 {
                 self.state_generation += 1;
             }
+            self.recheck_clock_bound(now);
+        }
+    }
+
+    /// After our own clock was set back (it ran ahead), entries stored
+    /// while it was ahead can lie beyond the bound: every other gateway
+    /// refuses them, so keeping them would split us from the group until
+    /// real time reaches them. Ours are written again now (the write is
+    /// kept, with a version the group takes); others' are forgotten, and
+    /// repair brings back what the group holds for those keys.
+    fn recheck_clock_bound(&mut self, now: u64) {
+        let limit = self.remote_limit();
+        let beyond: Vec<(String, Entry)> = self
+            .store
+            .iter()
+            .filter(|(_, entry)| entry.version.hlc > limit)
+            .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
+            .collect();
+        if beyond.is_empty() {
+            return;
+        }
+        let wall_ms = self.physical_ms(now);
+        for (key, Entry { version, value }) in beyond {
+            self.store.forget(&key);
+            self.state_generation += 1;
+            if version.origin == self.node_id {
+                self.counters.future_writes_restamped += 1;
+                // Cannot fail: the key was just forgotten, its size fitted.
+                let _ = self.write(now, wall_ms, &key, value.as_deref());
+            } else {
+                self.counters.future_entries_forgotten += 1;
+                self.events.push_back(Event::Changed {
+                    key,
+                    value: None,
+                    origin: version.origin,
+                });
+            }
         }
     }
 
@@ -797,11 +841,17 @@ impl Engine {
     /// quiet-period timer.
     fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
+        let keyed = self.keyring.is_some();
         let mut missed_some = false;
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
                 match window.check(header.boot, header.seq) {
+                    // Unauthenticated, a retired boot proves nothing: a
+                    // forger may have announced the boot that retired it.
+                    Err(ReplayError::RetiredBoot) if !keyed => {
+                        window.switch_boot(header.boot, header.seq);
+                    }
                     Err(error) => return Err(DropReason::Replay(error)),
                     Ok(accepted) => missed_some = matches!(accepted, Accepted::Skipped { .. }),
                 }
@@ -856,7 +906,7 @@ impl Engine {
         }
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
-            self.announced_digest = Some(summary.digest);
+            self.difference_heard_at = None;
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -865,13 +915,22 @@ impl Engine {
         }
         self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
-        // digests; whichever side holds newer buckets then sends them. The
-        // reset makes us send our summary soon; digests (up to 5 kB) go
-        // out only once ours has been announced, so a real peer that
-        // differs gets them after one round, while a forged summary that
-        // nobody stands behind draws only summaries.
+        // digests; whichever side holds newer buckets then sends them.
+        // Digests (up to 5 kB) answer a difference only when it is heard
+        // again after our own summary (which the reset sends soon) went
+        // out: a real peer that differs keeps saying so, one round later,
+        // while a single forged summary draws a few summaries, not 100x
+        // its size in digests.
         self.trickle.reset(now, &mut self.rng);
-        if self.repair_queue.is_empty() && self.announced_digest == Some(self.store.digest()) {
+        let digest = self.store.digest();
+        let confirmed = match (self.difference_heard_at, self.announced) {
+            (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
+            _ => false,
+        };
+        if !confirmed {
+            self.difference_heard_at.get_or_insert(now);
+        } else if self.repair_queue.is_empty() {
+            self.difference_heard_at = None;
             self.schedule_bucket_digests(now, summary.digest);
         }
     }
@@ -1099,13 +1158,19 @@ impl Engine {
     fn send_summary(&mut self) {
         // The clock field tells the sender's current time (not only its
         // last event), so a clone's summary is told from a replay of ours.
-        let physical = Hlc::new(self.physical_ms(self.now), 0);
+        // Capped at the bound, so a gateway whose clock was set back after
+        // running ahead is not refused by everyone until time catches up.
+        let physical_ms = self.physical_ms(self.now);
+        let high_water = self
+            .clock
+            .high_water()
+            .min(remote_limit(physical_ms, self.config.clock_ahead_max_ms));
         let summary = Summary {
             digest: self.store.digest(),
             entries: self.store.len() as u32,
-            clock: self.clock.high_water().max(physical),
+            clock: high_water.max(Hlc::new(physical_ms, 0)),
         };
-        self.announced_digest = Some(summary.digest);
+        self.announced = Some((summary.digest, self.now));
         self.send(&Message::Summary(summary));
     }
 

@@ -434,6 +434,13 @@ impl Store {
         Merged::Applied
     }
 
+    /// Removes a key outright (no tombstone): for an entry this gateway
+    /// should never have taken, as one from beyond the clock bound after
+    /// our own clock was set back.
+    pub fn forget(&mut self, key: &str) {
+        self.remove(bucket_of(key), key);
+    }
+
     fn remove(&mut self, bucket_index: usize, key: &str) {
         let bucket = &mut self.buckets[bucket_index];
         if let Some((hash, size)) = bucket.entries.remove(key) {
