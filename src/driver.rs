@@ -350,6 +350,7 @@ impl Driver {
         }
         let start = Instant::now();
         let mut engine = Engine::new(config.engine.clone(), node_id, rng.random(), 0);
+        engine.set_wall_clock(0, Self::wall_ms());
         if let Some(state) = &state {
             match state.load() {
                 Loaded::Empty => log::info!(
@@ -510,6 +511,7 @@ impl Driver {
         }
         self.receive();
         let now = self.now();
+        self.engine.set_wall_clock(now, Self::wall_ms());
         if self.engine.poll_timeout() <= now {
             self.engine.handle_timeout(now);
         }
@@ -526,6 +528,7 @@ impl Driver {
                 Ok((Received::Datagram(len), from)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    self.engine.set_wall_clock(now, Self::wall_ms());
                     let before = other_key_drops(self.engine.counters());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);
                     if other_key_drops(self.engine.counters()) != before {
@@ -646,8 +649,16 @@ impl Driver {
                 "the keys were not given in a key file: nothing to reload".to_owned()
             });
         };
-        let keys = match crate::config::load_key_file(&path) {
-            Ok(keys) => keys,
+        // crypto's loader, not config's: config builds on the driver.
+        let loaded = crypto::load_key_file(&path)
+            .map_err(|error| format!("key file {}: {error}", path.display()));
+        let keys = match loaded {
+            Ok((keys, warning)) => {
+                if let Some(warning) = warning {
+                    log::warn!("key file {}: {warning}", path.display());
+                }
+                keys
+            }
             Err(error) => {
                 self.counters.key_reload_errors += 1;
                 log::error!("reload: {error}; keeping the keys in use");
