@@ -480,7 +480,7 @@ read -r go || exit 1
 ip link set eth0 multicast on
 exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
 "#;
-        let mut unshare = Command::new("unshare")
+        let unshare = Command::new("unshare")
             .args([
                 "--fork", "--pid", "--mount", "--net", "--uts", "--ipc", "/bin/sh", "-c", init,
                 "sh",
