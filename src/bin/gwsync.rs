@@ -27,7 +27,7 @@ const USAGE: &str = "\
 usage:
   gwsync daemon [--interface IF]... [--group ADDR] [--port N] [--state-dir DIR]
                 [--socket PATH] [--key-file FILE] [--node-id HEX]
-                [--log-level error|warn|info|debug] [--foreground]
+                [--log-level error|warn|info|debug] [--foreground [--syslog]]
   gwsync [--socket PATH] get KEY | set KEY JSON | del KEY | list [PREFIX]
                 | dump | status | trigger [power-on|reconnect|network-up]
                 | watch
@@ -150,23 +150,12 @@ fn default_state_dir() -> PathBuf {
 
 // ---------------------------------------------------------------- logging
 
-fn init_logging(level: log::LevelFilter, foreground: bool) {
-    log::set_max_level(level);
-    if !foreground {
-        let formatter = syslog::Formatter3164 {
-            facility: syslog::Facility::LOG_DAEMON,
-            hostname: None,
-            process: "gwsync".into(),
-            pid: std::process::id(),
-        };
-        match syslog::unix(formatter) {
-            Ok(logger) => {
-                if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
-                    return;
-                }
-            }
-            Err(error) => eprintln!("gwsync: syslog unavailable ({error}); logging to stderr"),
-        }
+/// In the foreground the log goes to stderr, unless `--syslog` asks for
+/// syslog (the init script does: procd would log stderr at `err`); in the
+/// background there is no terminal, so it goes to syslog.
+fn init_logging(level: log::LevelFilter, foreground: bool, syslog: bool) {
+    if (syslog || !foreground) && gwsync::logging::log_to_syslog(level) {
+        return;
     }
     gwsync::logging::log_to_stderr(level);
 }
@@ -178,6 +167,7 @@ struct DaemonOptions {
     socket: PathBuf,
     log_level: log::LevelFilter,
     foreground: bool,
+    syslog: bool,
     key_file: Option<PathBuf>,
 }
 
@@ -187,6 +177,7 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
         socket: socket.unwrap_or_else(default_socket),
         log_level: log::LevelFilter::Info,
         foreground: false,
+        syslog: false,
         key_file: None,
     };
     let mut state_dir = None;
@@ -232,6 +223,7 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
                     .map_err(|_| usage(format!("--log-level: unknown level: {text}")))?;
             }
             "--foreground" | "-f" => options.foreground = true,
+            "--syslog" => options.syslog = true,
             other => return Err(usage(format!("daemon: unknown option: {other}"))),
         }
     }
@@ -256,7 +248,7 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
     use nix::sys::signalfd::{SfdFlags, SignalFd};
 
     let mut options = parse_daemon_args(socket, args)?;
-    init_logging(options.log_level, options.foreground);
+    init_logging(options.log_level, options.foreground, options.syslog);
     if let Some(path) = &options.key_file {
         options.config.key = Some(read_key_file(path)?);
         log::info!("group key loaded from {}", path.display());

@@ -286,6 +286,7 @@ impl Router {
              \toption log_size '256'\n",
         );
         std::fs::create_dir_all(router.root.join("tmp/lock")).unwrap();
+        router.repair_links();
         router.copy_missing_libraries(Path::new(super::BIN));
         Some(router)
     }
@@ -306,6 +307,26 @@ impl Router {
         let path = self.path(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, text).unwrap();
+    }
+
+    /// OpenWrt ships /sbin/ifdown as a symlink to ifup (which acts on its
+    /// name); the userland build copies some as a file holding the link's
+    /// target, which runs as a script calling `ifup` with no arguments.
+    fn repair_links(&self) {
+        for path in ["sbin/ifdown"] {
+            let file = self.root.join(path);
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let target = text.trim();
+            if !target.is_empty()
+                && !target.contains(char::is_whitespace)
+                && file.with_file_name(target).exists()
+            {
+                std::fs::remove_file(&file).unwrap();
+                std::os::unix::fs::symlink(target, &file).unwrap();
+            }
+        }
     }
 
     /// The shared libraries `binary` needs that the rootfs lacks (libgcc_s
@@ -551,6 +572,9 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
             Duration::from_secs(10),
             || std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == root),
         );
+        // The end of /etc/init.d/boot: reload_config remembers the configs'
+        // checksums, so that a later reload_config sees what changed.
+        self.sh_ok("/sbin/reload_config");
     }
 
     fn write_network_config(&self) {
@@ -607,6 +631,16 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
         result.stdout
     }
 
+    /// Runs the host's `ip ARGS` in the router's network namespace (the
+    /// router's busybox ip cannot create veth pairs), failing the test
+    /// unless it succeeds.
+    pub fn ip(&self, args: &[&str]) {
+        let pid = self.pid().to_string();
+        let mut full = vec!["-t", &pid, "-n", "ip"];
+        full.extend_from_slice(args);
+        run_ok("nsenter", &full);
+    }
+
     /// Waits until netifd reports the uci network `lan` up.
     pub fn wait_lan_up(&self) {
         self.wait_for(
@@ -661,7 +695,23 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
         }
     }
 
-    /// Halts and boots again with the same rootfs and network.
+    /// `reboot` on the router: procd stops every service (their K scripts,
+    /// SIGTERM) and ends the namespace; then it boots again with the same
+    /// rootfs and network.
+    pub fn reboot_clean(&mut self) {
+        self.sh_ok("reboot");
+        let unshare = self.unshare.as_mut().expect("running");
+        wait_until(
+            &format!("{} shuts down", self.name),
+            Duration::from_secs(60),
+            || unshare.try_wait().is_ok_and(|status| status.is_some()),
+        );
+        self.halt();
+        let net = self.net.clone();
+        self.boot(net);
+    }
+
+    /// Halts (power cut) and boots again with the same rootfs and network.
     pub fn reboot(&mut self) {
         self.halt();
         let net = self.net.clone();
