@@ -786,9 +786,10 @@ fn hotplug_returns_before_the_trigger_finishes() {
 
 // ---------------------------------------------------------------- shell style
 
-const SCRIPTS: [&str; 3] = [
+const SCRIPTS: [&str; 4] = [
     "init.d/gwsync",
     "openwrt/gwsync/files/gwsync.hotplug",
+    "openwrt/gwsync/files/gwsync.defaults",
     "openwrt/gwsync/test.sh",
 ];
 
