@@ -439,15 +439,23 @@ impl Router {
 
     /// What an image build does with an installed package before its first
     /// boot: the postinst with IPKG_INSTROOT set (which enables the init
-    /// scripts), then, as /etc/init.d/boot on the first boot, the
-    /// uci-defaults scripts. Runs in a chroot of the rootfs.
+    /// scripts), then [`Router::run_uci_defaults`] as the first boot would.
     pub fn enable_installed(&self) {
-        let result = self.chroot(
-            "IPKG_INSTROOT=/ /usr/lib/opkg/info/gwsync.postinst && \
-             cd /etc/uci-defaults && for f in *; do [ -f \"$f\" ] || continue; \
-             ( . /lib/functions.sh; . \"./$f\" ) && rm -f \"$f\"; done; true",
-        );
+        let result = self.chroot("IPKG_INSTROOT=/ /usr/lib/opkg/info/gwsync.postinst");
         assert_eq!(result.code, 0, "postinst in the image: {result:?}");
+        self.run_uci_defaults();
+    }
+
+    /// What /etc/init.d/boot does on a first boot (which the namespace boot
+    /// replaces): runs each /etc/uci-defaults script and removes those that
+    /// succeed. Runs in a chroot of the rootfs, before [`Router::boot`].
+    pub fn run_uci_defaults(&self) {
+        let result = self.chroot(
+            "mkdir -p /tmp/.uci; cd /etc/uci-defaults 2> /dev/null || exit 0; for f in *; do \
+             [ -f \"$f\" ] || continue; ( . /lib/functions.sh; . \"./$f\" ) && rm -f \"$f\"; \
+             done; uci commit",
+        );
+        assert_eq!(result.code, 0, "uci-defaults: {result:?}");
     }
 
     /// Runs `script` with /bin/sh in a chroot of the (not booted) rootfs.
@@ -463,8 +471,10 @@ impl Router {
         cli_result(output)
     }
 
-    /// Boots the router: procd as PID 1 with `eth0` as `net` says. Enables
-    /// the log, network and system services first (an image has them on).
+    /// Boots the router: procd as PID 1 with `eth0` as `net` says. On the
+    /// first boot it enables the system, log, network and rpcd services (an
+    /// image has them on); enable others (uhttpd) with [`Router::chroot`]
+    /// before.
     pub fn boot(&mut self, net: Net) {
         assert!(
             self.pid.is_none(),
