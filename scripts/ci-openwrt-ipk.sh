@@ -65,7 +65,6 @@ field() { sed -n "s/^$1: //p" "$x/control/control"; }
 # Every file the package installs, with its mode; nothing else.
 expected="0600 ./etc/config/gwsync
 0644 ./etc/hotplug.d/iface/95-gwsync
-0644 ./lib/upgrade/keep.d/gwsync
 0644 ./lib/upgrade/keep.d/gwsync-state
 0755 ./etc/init.d/gwsync
 0755 ./etc/uci-defaults/50-gwsync

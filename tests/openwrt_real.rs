@@ -421,3 +421,22 @@ fn two_routers_sync_through_ifdown_ifup_and_reboot() {
     a.sh_ok("gwsync --socket /var/run/gwsync.sock set home/scene '\"night\"'");
     wait(&b, "home/scene", "\"night\"");
 }
+
+#[test]
+fn opkg_remove_stops_and_disables() {
+    let Some(router) = booted("opkg_remove") else {
+        return;
+    };
+    let pid = daemon_pid(&router);
+    // What opkg runs before removing the files: the generated prerm.
+    router.sh_ok("/usr/lib/opkg/info/gwsync.prerm");
+    router.wait_for(
+        "the daemon is gone",
+        WAIT,
+        &format!("! kill -0 {pid} 2> /dev/null"),
+    );
+    assert!(
+        !router.path("/etc/rc.d/S95gwsync").exists(),
+        "still enabled"
+    );
+}

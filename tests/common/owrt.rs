@@ -406,7 +406,21 @@ impl Router {
         // package-pkg.mk: the package's own script is `<pkg>.postinst-pkg`,
         // sourced by default_postinst, which also enables and starts every
         // init script of the package on a live system.
-        for (script, default) in [("postinst", "default_postinst"), ("prerm", "default_prerm")] {
+        // The wrappers as package-pkg.mk writes them (24.10).
+        let wrappers = [
+            (
+                "postinst",
+                "#!/bin/sh\n[ \"${IPKG_NO_SCRIPT}\" = \"1\" ] && exit 0\n\
+                 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+                 . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_postinst $0 $@\n",
+            ),
+            (
+                "prerm",
+                "#!/bin/sh\n[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+                 . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_prerm $0 $@\n",
+            ),
+        ];
+        for (script, wrapper_text) in wrappers {
             let own = define_block(&makefile, &format!("Package/gwsync/{script}"));
             if !own.is_empty() {
                 std::fs::write(
@@ -416,15 +430,7 @@ impl Router {
                 .unwrap();
             }
             let wrapper = info.join(format!("gwsync.{script}"));
-            std::fs::write(
-                &wrapper,
-                format!(
-                    "#!/bin/sh\n[ \"${{IPKG_NO_SCRIPT}}\" = \"1\" ] && exit 0\n\
-                     [ -s ${{IPKG_INSTROOT}}/lib/functions.sh ] || exit 0\n\
-                     . ${{IPKG_INSTROOT}}/lib/functions.sh\n{default} $0 $@\n"
-                ),
-            )
-            .unwrap();
+            std::fs::write(&wrapper, wrapper_text).unwrap();
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
     }
