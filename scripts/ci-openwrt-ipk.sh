@@ -8,7 +8,10 @@
 #   - `gwsync --version` under qemu-mipsel;
 #   - a C program built with the SDK's compiler and pkg-config flags against
 #     the staged libgwsync.a, run under qemu-mipsel;
-#   - the packages feed CI's offline steps (scripts/openwrt-sdk/ci-checks.sh).
+#   - the packages feed CI's offline steps (scripts/openwrt-sdk/ci-checks.sh);
+#   - first, the build from a feed tree: the package directory alone, as in
+#     the packages feed, whose Makefile downloads the source with git (here
+#     from this checkout's HEAD commit, through the SDK's download.pl).
 # Prints the ipk and binary sizes. Needs root (apt-get) on Debian 12 and the
 # pinned OpenWrt source tarballs (see build-ipk.sh: SRC_TARBALLS,
 # GWSYNC_SHARED_DIR); without them it fails under CI and skips otherwise.
@@ -34,12 +37,35 @@ pass() { echo "ci-openwrt-ipk: ok: $*"; }
 
 if ! ls "$tarballs"/openwrt-24.10.3-*.tar.xz > /dev/null 2>&1; then
 	msg="no OpenWrt source tarballs in $tarballs (set SRC_TARBALLS or GWSYNC_SHARED_DIR)"
-	if [ -n "${CI:-}" ]; then
+	if [ -n "${CI-}" ]; then
 		echo "ci-openwrt-ipk: FAILED: $msg" >&2
 		exit 1
 	fi
 	echo "ci-openwrt-ipk: SKIPPED: $msg" >&2
 	exit 0
+fi
+
+# The feed tree: only openwrt/gwsync/, with the release fields pointing at
+# this checkout's HEAD, as a release would set them.
+if [ -d "$repo/.git" ] || [ -f "$repo/.git" ]; then
+	head=$(git -C "$repo" rev-parse HEAD)
+	feed=$(mktemp -d)
+	mkdir -p "$feed/openwrt"
+	cp -a "$repo/openwrt/gwsync" "$feed/openwrt/"
+	sed -i "s|^  PKG_SOURCE_URL:=.*|  PKG_SOURCE_URL:=file://$repo|; s|^  PKG_SOURCE_VERSION:=.*|  PKG_SOURCE_VERSION:=$head|" \
+		"$feed/openwrt/gwsync/Makefile"
+	# A cached source tarball of an earlier commit has the same name.
+	rm -f "$WORK"/sdk/dl/gwsync-*.tar.zst
+	if bash "$here/openwrt-sdk/build-ipk.sh" "$feed" > "$WORK/feed-tree.log" 2>&1 &&
+		grep -q "Checking out files from the git repository" "$WORK/logs/compile.log"; then
+		pass "built from a feed tree, source from git at $head"
+	else
+		tail -30 "$WORK/feed-tree.log" >&2
+		fail "build from a feed tree (log: $WORK/feed-tree.log, $WORK/logs/compile.log)"
+	fi
+	rm -rf "$feed"
+else
+	echo "ci-openwrt-ipk: not a git checkout: the feed tree build (git source) is skipped" >&2
 fi
 
 bash "$here/openwrt-sdk/build-ipk.sh" "$repo"
@@ -87,8 +113,10 @@ done
 mipsel-linux-gnu-readelf -S "$bin" | grep -q -E '\.symtab|\.debug_' && fail "binary not stripped" || pass "binary stripped"
 
 # A musl root from the SDK's toolchain, as on the router.
-tc=$(ls -d "$sdk"/staging_dir/toolchain-* | head -1)
-tgt=$(ls -d "$sdk"/staging_dir/target-* | head -1)
+tcs=("$sdk"/staging_dir/toolchain-*)
+tc=${tcs[0]}
+tgts=("$sdk"/staging_dir/target-*)
+tgt=${tgts[0]}
 root=$x/root
 mkdir -p "$root/lib"
 cp -L "$tc/lib/libc.so" "$root/lib/libc.so"
