@@ -51,6 +51,8 @@ pub fn syslog_priority(level: log::Level) -> libc::c_int {
     }
 }
 
+// syslog(3) and openlog(3) are C calls: the only unsafe code here.
+#[allow(unsafe_code)]
 impl log::Log for SyslogLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         metadata.level() <= log::max_level()
@@ -82,6 +84,7 @@ impl log::Log for SyslogLogger {
 /// Sends `log` records at `level` and above to syslog, tagged `gwsync[PID]`
 /// with facility daemon. Returns false (and changes nothing but the level)
 /// when another logger is already set.
+#[allow(unsafe_code)]
 pub fn log_to_syslog(level: log::LevelFilter) -> bool {
     log::set_max_level(level);
     if log::set_logger(&SyslogLogger).is_err() {
