@@ -111,11 +111,16 @@ fn get(router: &Router, key: &str) -> Option<String> {
     (result.code == 0).then(|| result.stdout.trim().to_owned())
 }
 
+fn status(router: &Router) -> serde_json::Value {
+    serde_json::from_str(&router.sh_ok("gwsync --socket /var/run/gwsync.sock status"))
+        .expect("status JSON")
+}
+
 fn node_id(router: &Router) -> String {
-    let status: serde_json::Value =
-        serde_json::from_str(&router.sh_ok("gwsync --socket /var/run/gwsync.sock status"))
-            .expect("status JSON");
-    status["node_id"].as_str().expect("node_id").to_owned()
+    status(router)["node_id"]
+        .as_str()
+        .expect("node_id")
+        .to_owned()
 }
 
 #[test]
@@ -184,6 +189,35 @@ fn reload_config_applies_uci_changes_with_a_restart() {
     expected.extend(key);
     expected.extend(words(&["--log-level", "debug"]));
     assert_eq!(command_line(&router), expected);
+}
+
+#[test]
+fn uci_limits_and_open_mode_reach_the_daemon() {
+    let Some(router) = booted("limits_open") else {
+        return;
+    };
+    let old = daemon_pid(&router);
+    router.sh_ok(
+        "uci set gwsync.main.max_entries=500 && uci set gwsync.main.max_store_bytes=1048576 && \
+         uci set gwsync.main.tombstone_lifetime_s=3600 && uci commit gwsync && reload_config",
+    );
+    let pid = new_daemon_pid(&router, old);
+    let reported = status(&router);
+    assert_eq!(reported["limits"]["max_entries"], 500, "{reported}");
+    assert_eq!(reported["limits"]["max_store_bytes"], 1048576, "{reported}");
+    assert_eq!(
+        reported["limits"]["tombstone_lifetime_s"], 3600,
+        "{reported}"
+    );
+    assert_eq!(reported["key_state"], "keyed", "{reported}");
+    // Open mode: no key at all, asked for explicitly.
+    router.sh_ok(
+        "uci delete gwsync.main.key_file && uci set gwsync.main.open=1 && \
+         uci commit gwsync && reload_config",
+    );
+    new_daemon_pid(&router, pid);
+    assert_eq!(status(&router)["key_state"], "open");
+    assert!(command_line(&router).contains(&"--open".to_owned()));
 }
 
 #[test]
@@ -350,9 +384,9 @@ fn reload_after_only_the_key_file_changed_signals_instead_of_restarting() {
         "logread -e gwsync | grep -q 'key file changed: asking the daemon to re-read it'",
     );
     router.wait_for(
-        "the daemon got SIGHUP",
+        "the daemon re-read its keys on SIGHUP",
         WAIT,
-        &format!("logread | grep 'gwsync\\[{pid}\\]' | grep -qi 'signal 1\\|key'"),
+        &format!("logread | grep 'gwsync\\[{pid}\\]' | grep -q 'SIGHUP: reloading the group keys'"),
     );
     assert_eq!(daemon_pid(&router), pid, "restarted instead of signalled");
     // A reload with nothing changed does neither.
