@@ -356,8 +356,11 @@ fn init_minimal_section_uses_every_default() {
     let Some(root) = Root::new("minimal") else {
         return;
     };
-    // No options at all: enabled defaults to on, interface to lan.
+    // No options at all: enabled defaults to on, interface to lan, the key
+    // file to /etc/gwsync.key.
     root.config("config gwsync 'main'\n");
+    // The key file the package creates; the default when no key is set.
+    root.write("/etc/gwsync.key", KEY);
     root.networks(&[("lan", "br-lan")]);
     root.init("start");
     assert_eq!(
@@ -371,6 +374,8 @@ fn init_minimal_section_uses_every_default() {
                     "/etc/gwsync",
                     "--socket",
                     SOCKET,
+                    "--key-file",
+                    "/etc/gwsync.key",
                 ],
                 &["br-lan"],
                 &["/etc/config/gwsync"],
@@ -441,6 +446,7 @@ fn init_interface_given_as_option_is_accepted() {
     };
     root.config("config gwsync 'main'\n\toption interface 'iot'\n");
     root.networks(&[("lan", "br-lan"), ("iot", "br-iot")]);
+    root.write("/etc/gwsync.key", KEY);
     root.init("start");
     let service = root.take_service();
     assert_eq!(service.instances.len(), 1);
@@ -516,6 +522,30 @@ fn init_key_file_wins_over_inline_key() {
 }
 
 #[test]
+fn init_open_with_a_key_syncs_with_the_key() {
+    let Some(root) = Root::new("open-and-key") else {
+        return;
+    };
+    root.write("/etc/gwsync.key", KEY);
+    root.config("config gwsync 'main'\n\toption open '1'\n\toption key_file '/etc/gwsync.key'\n");
+    root.networks(&[("lan", "br-lan")]);
+    root.init("start");
+    let command = &root.take_service().instances[0].params["command"];
+    assert!(!command.contains(&"--open".to_owned()), "{command:?}");
+    assert_eq!(
+        command[command.len() - 2..],
+        strings(&["--key-file", "/etc/gwsync.key"])
+    );
+    assert!(
+        root.logs()
+            .iter()
+            .any(|l| l.contains("both open and a key")),
+        "logs: {:?}",
+        root.logs()
+    );
+}
+
+#[test]
 fn init_missing_key_file_starts_nothing_rather_than_syncing_in_clear() {
     let Some(root) = Root::new("nokeyfile") else {
         return;
@@ -574,6 +604,7 @@ fn init_network_without_device_is_skipped_until_it_comes_up() {
     };
     root.config("config gwsync 'main'\n\tlist interface 'lan'\n\tlist interface 'iot'\n");
     root.networks(&[("lan", "br-lan")]);
+    root.write("/etc/gwsync.key", KEY);
     root.init("start");
     assert_eq!(
         root.take_service(),
@@ -586,6 +617,8 @@ fn init_network_without_device_is_skipped_until_it_comes_up() {
                     "/etc/gwsync",
                     "--socket",
                     SOCKET,
+                    "--key-file",
+                    "/etc/gwsync.key",
                 ],
                 &["br-lan"],
                 &["/etc/config/gwsync"],
