@@ -401,17 +401,11 @@ fn reload_after_only_the_key_file_changed_signals_instead_of_restarting() {
     assert_eq!(daemon_pid(&router), pid);
 }
 
-/// Two routers on one bridge, configured only through uci and the init
-/// script: a write on one is read on the other; after `ifdown lan; ifup lan`
-/// the second is brought up to date at once; a reboot keeps data and node id.
-#[test]
-fn two_routers_sync_through_ifdown_ifup_and_reboot() {
-    let Some(mut a) = Router::new("two_a", Flavor::Base) else {
-        return;
-    };
-    let Some(mut b) = Router::new("two_b", Flavor::Base) else {
-        return;
-    };
+/// Two routers with the package on one bridge, sharing the key the first
+/// one's install created, on a port of their own set through uci.
+fn two_routers(test: &str) -> Option<(Router, Router, Bridge)> {
+    let mut a = Router::new(&format!("{test}_a"), Flavor::Base)?;
+    let mut b = Router::new(&format!("{test}_b"), Flavor::Base)?;
     let bridge = Bridge::new();
     a.install_package();
     a.enable_installed();
@@ -429,13 +423,27 @@ fn two_routers_sync_through_ifdown_ifup_and_reboot() {
         ));
         new_daemon_pid(router, old);
     }
-    let wait = |router: &Router, key: &str, value: &str| {
-        router.wait_for(
-            &format!("{key} = {value} on {}", router.name),
-            WAIT,
-            &format!("[ \"$(gwsync --socket /var/run/gwsync.sock get {key})\" = '{value}' ]"),
-        )
+    Some((a, b, bridge))
+}
+
+/// Waits until `gwsync get KEY` on `router` prints `value`.
+fn wait_value(router: &Router, key: &str, value: &str) {
+    router.wait_for(
+        &format!("{key} = {value} on {}", router.name),
+        WAIT,
+        &format!("[ \"$(gwsync --socket /var/run/gwsync.sock get {key})\" = '{value}' ]"),
+    )
+}
+
+/// Two routers on one bridge, configured only through uci and the init
+/// script: a write on one is read on the other; after `ifdown lan; ifup lan`
+/// the second is brought up to date at once; a reboot keeps data and node id.
+#[test]
+fn two_routers_sync_through_ifdown_ifup_and_reboot() {
+    let Some((a, mut b, _bridge)) = two_routers("two") else {
+        return;
     };
+    let wait = wait_value;
     a.sh_ok("gwsync --socket /var/run/gwsync.sock set home/name '\"flat\"'");
     wait(&b, "home/name", "\"flat\"");
 
@@ -473,4 +481,46 @@ fn opkg_remove_stops_and_disables() {
         !router.path("/etc/rc.d/S95gwsync").exists(),
         "still enabled"
     );
+}
+
+/// A key change without downtime, through uci's files and the init script
+/// only: both gateways get a file with the new key first and the old one
+/// second (send new, accept both), reload (SIGHUP, no restart), then the new
+/// key alone. Writes keep flowing at every step.
+#[test]
+fn two_routers_change_their_key_with_reload_and_no_restart() {
+    let Some((a, b, _bridge)) = two_routers("rekey") else {
+        return;
+    };
+    let pids = [daemon_pid(&a), daemon_pid(&b)];
+    a.sh_ok("gwsync --socket /var/run/gwsync.sock set step 1");
+    wait_value(&b, "step", "1");
+    let old = a.sh_ok("cat /etc/gwsync.key").trim().to_owned();
+    let new = a.sh_ok("gwsync genkey").trim().to_owned();
+    assert_ne!(old, new);
+    for (keys, step) in [(format!("{new}\n{old}"), 2), (new.clone(), 3)] {
+        for router in [&a, &b] {
+            router.sh_ok(&format!(
+                "umask 077 && printf '%s\\n' '{}' > /etc/gwsync.key && /etc/init.d/gwsync reload",
+                keys.replace('\n', "' '")
+            ));
+        }
+        a.sh_ok(&format!(
+            "gwsync --socket /var/run/gwsync.sock set step {step}"
+        ));
+        wait_value(&b, "step", &step.to_string());
+        b.sh_ok(&format!(
+            "gwsync --socket /var/run/gwsync.sock set back {step}"
+        ));
+        wait_value(&a, "back", &step.to_string());
+    }
+    assert_eq!([daemon_pid(&a), daemon_pid(&b)], pids, "a daemon restarted");
+    for router in [&a, &b] {
+        let log = router.sh_ok("logread -e gwsync");
+        assert_eq!(
+            log.matches("SIGHUP: reloading the group keys").count(),
+            2,
+            "{log}"
+        );
+    }
 }
