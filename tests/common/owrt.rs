@@ -517,12 +517,32 @@ read -r go || exit 1
 ip link set eth0 multicast on
 exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
 "#;
-        let unshare = Command::new("unshare")
+        let mut command = Command::new("unshare");
+        // --kill-child: procd dies with unshare, and unshare with the test
+        // (PR_SET_PDEATHSIG), so a killed test run leaves no router behind.
+        command
             .args([
-                "--fork", "--pid", "--mount", "--net", "--uts", "--ipc", "/bin/sh", "-c", init,
+                "--fork",
+                "--kill-child",
+                "--pid",
+                "--mount",
+                "--net",
+                "--uts",
+                "--ipc",
+                "/bin/sh",
+                "-c",
+                init,
                 "sh",
             ])
-            .arg(&self.root)
+            .arg(&self.root);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let unshare = command
             .stdin(Stdio::piped())
             .stdout(std::fs::File::create(&console).unwrap())
             .stderr(std::fs::File::create(&console).unwrap())
