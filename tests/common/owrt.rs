@@ -160,12 +160,13 @@ fn prebuilt_rootfs(
             script.display(),
             log.display()
         );
+        let output = std::fs::File::create(&log).expect("create the build log");
         let status = Command::new("bash")
             .arg(&script)
             .env("OWRT", &cache)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(output.try_clone().expect("build log"))
+            .stderr(output)
             .status()
             .expect("run the OpenWrt userland build");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -517,6 +518,7 @@ read -r go || exit 1
 ip link set eth0 multicast on
 exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
 "#;
+        let console_file = std::fs::File::create(&console).unwrap();
         let mut command = Command::new("unshare");
         // --kill-child: procd dies with unshare, and unshare with the test
         // (PR_SET_PDEATHSIG), so a killed test run leaves no router behind.
@@ -544,8 +546,8 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
         }
         let unshare = command
             .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&console).unwrap())
-            .stderr(std::fs::File::create(&console).unwrap())
+            .stdout(console_file.try_clone().unwrap())
+            .stderr(console_file)
             .spawn()
             .expect("unshare");
         let unshare_pid = unshare.id();
