@@ -112,7 +112,7 @@ fn get(router: &Router, key: &str) -> Option<String> {
 }
 
 fn status(router: &Router) -> serde_json::Value {
-    serde_json::from_str(&router.sh_ok("gwsync --socket /var/run/gwsync.sock status"))
+    serde_json::from_str(&router.sh_ok("gwsync --socket /var/run/gwsync.sock status --json"))
         .expect("status JSON")
 }
 
@@ -263,8 +263,7 @@ fn hotplug_ifup_event_triggers_a_sync_in_the_running_daemon() {
         return;
     };
     daemon_pid(&router);
-    let opens =
-        "gwsync --socket /var/run/gwsync.sock status | jsonfilter -e '@.counters.socket_opens'";
+    let opens = "gwsync --socket /var/run/gwsync.sock status --json | jsonfilter -e '@.counters.socket_opens'";
     let before: u64 = router.sh_ok(opens).trim().parse().expect("socket_opens");
     // netifd's event for lan, through the real hotplug-call: the daemon
     // takes a network-up trigger, which also opens a fresh socket.
