@@ -1015,27 +1015,39 @@ impl Ubus {
             Some(conn) if conn.registered => {
                 conn.send_change(change, &mut self.counters);
                 if let Some(reason) = conn.write() {
+                    // ubusd went away before the daemon noticed: this
+                    // change waits for the next one.
                     self.disconnect(reason);
+                    self.hold(change);
                 }
             }
-            _ if self.seen => {
-                let size = change.key.len() + change.value.as_ref().map_or(0, String::len);
-                while self.backlog_bytes + size > OFFLINE_BACKLOG_BYTES_MAX {
-                    let Some(old) = self.backlog.pop_front() else {
-                        break;
-                    };
-                    self.backlog_bytes -= old.key.len() + old.value.as_ref().map_or(0, String::len);
-                    self.counters.events_dropped += 1;
-                }
-                if size <= OFFLINE_BACKLOG_BYTES_MAX {
-                    self.backlog_bytes += size;
-                    self.backlog.push_back(change.clone());
-                } else {
-                    self.counters.events_dropped += 1;
-                }
-            }
+            _ if self.seen => self.hold(change),
             _ => {}
         }
+    }
+
+    /// Keeps a change for when the object is back, oldest dropped first.
+    fn hold(&mut self, change: &ChangeEvent) {
+        let size_of =
+            |change: &ChangeEvent| change.key.len() + change.value.as_ref().map_or(0, String::len);
+        let size = size_of(change);
+        if size > OFFLINE_BACKLOG_BYTES_MAX {
+            self.counters.events_dropped += 1;
+            return;
+        }
+        while self.backlog_bytes + size > OFFLINE_BACKLOG_BYTES_MAX {
+            let Some(old) = self.backlog.pop_front() else {
+                break;
+            };
+            self.backlog_bytes -= size_of(&old);
+            self.counters.events_dropped += 1;
+            log::warn!(
+                "ubus: more than {OFFLINE_BACKLOG_BYTES_MAX} bytes of changes while ubusd is away; the event for {} is dropped",
+                old.key
+            );
+        }
+        self.backlog_bytes += size;
+        self.backlog.push_back(change.clone());
     }
 
     fn connect(&mut self) {
@@ -1418,6 +1430,27 @@ mod tests {
             names,
             ["get", "set", "del", "list", "dump", "status", "trigger"]
         );
+    }
+
+    #[test]
+    fn changes_held_while_ubusd_is_away_are_bounded_oldest_dropped_first() {
+        let mut ubus = Ubus::new(Path::new("/nonexistent/ubus.sock"));
+        let change = |index: usize| ChangeEvent {
+            key: format!("k{index}"),
+            value: Some(format!("\"{}\"", "x".repeat(60 * 1024))),
+            origin: crate::engine::NodeId(1),
+        };
+        // Never connected: nothing is kept (plain Linux without ubusd).
+        ubus.broadcast(&change(0));
+        assert!(ubus.backlog.is_empty());
+        ubus.seen = true;
+        for index in 0..10 {
+            ubus.broadcast(&change(index));
+        }
+        assert!(ubus.backlog_bytes <= OFFLINE_BACKLOG_BYTES_MAX);
+        assert_eq!(ubus.backlog.len(), 4);
+        assert_eq!(ubus.backlog.front().map(|c| c.key.as_str()), Some("k6"));
+        assert_eq!(ubus.counters().events_dropped, 6);
     }
 
     mod fuzz {

@@ -579,3 +579,60 @@ fn a_c_program_with_libubus_calls_get_and_set_and_receives_events() {
         Some(r#"{"from":"c","n":7}"#)
     );
 }
+
+#[test]
+fn after_ubusd_restarts_the_object_returns_and_no_change_event_is_lost() {
+    let Some(owrt) = Userland::find("after_ubusd_restarts_the_object_returns") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-restart");
+    let socket = dir.path().join("ubus.sock");
+    let mut bus = Ubusd::start(&owrt, &socket);
+    let key = key_file(dir.path());
+    let daemon = start_daemon(dir.path(), "gw", None, "lo", unique_port(), &socket, &key);
+    wait_for_object(&owrt, &socket);
+    let origin = daemon.status()["node_id"].clone();
+
+    bus.kill();
+    // Changed while ubusd is away: held, sent once the object is back.
+    daemon.set("outage/1", "1");
+    daemon.set("outage/2", "2");
+    // Paused while ubusd comes back and a listener attaches, so the
+    // listener is surely there before gwsync re-registers.
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let restarted = Ubusd::start(&owrt, &socket);
+    let listener = listen(&owrt, &socket, &dir.path().join("listen.out"));
+    let back = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_until(
+        "the object is back on the restarted ubusd",
+        Duration::from_secs(10),
+        || ubus(&owrt, &socket, &["list", "gwsync"]).0 == OK,
+    );
+    println!(
+        "object back {} ms after the daemon resumed",
+        back.elapsed().as_millis()
+    );
+
+    // After the restart: ubus and CLI writes, all seen, in order.
+    for index in 3..=6 {
+        if index % 2 == 0 {
+            daemon.set(&format!("outage/{index}"), &index.to_string());
+        } else {
+            let args = json!({"key": format!("outage/{index}"), "value": index}).to_string();
+            assert_eq!(
+                ubus(&owrt, &socket, &["call", "gwsync", "set", &args]).0,
+                OK
+            );
+        }
+    }
+    let expected: Vec<Value> = (1..=6)
+        .map(|index| json!({"key": format!("outage/{index}"), "value": index, "origin": origin}))
+        .collect();
+    wait_until("all six changes are seen", TIMEOUT, || {
+        listener.changes().len() >= expected.len()
+    });
+    assert_eq!(listener.changes(), expected);
+    drop(restarted);
+}
