@@ -351,6 +351,52 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
 }
 
 #[test]
+fn a_reply_over_ubusds_message_limit_is_an_error_and_the_object_stays() {
+    let Some(owrt) = Userland::find("a_reply_over_ubusds_message_limit") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-large");
+    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
+    let key = key_file(dir.path());
+    let daemon = start_daemon(
+        dir.path(),
+        "gw",
+        None,
+        "lo",
+        unique_port(),
+        &bus.socket,
+        &key,
+    );
+    wait_for_object(&owrt, &bus.socket);
+    // 18 values of 60 KiB: each fits, the whole dump (1.08 MB) does not fit
+    // ubusd's 1 MiB message limit.
+    let big = format!("\"{}\"", "v".repeat(60 * 1024));
+    for index in 0..18 {
+        daemon.set(&format!("bulk/{index:02}"), &big);
+    }
+    let call =
+        |method: &str, args: &str| ubus(&owrt, &bus.socket, &["call", "gwsync", method, args]);
+    let (status, reply) = call("dump", "{}");
+    assert_eq!(status, 9, "UNKNOWN_ERROR: {reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too large"),
+        "{reply}"
+    );
+    // ubusd kept the connection: the object still answers, and paging works.
+    let (status, page) = call("list", r#"{"prefix":"bulk/","offset":17}"#);
+    assert_eq!(
+        (status, page),
+        (OK, json!({"keys": ["bulk/17"], "total": 18}))
+    );
+    let (status, one) = call("get", r#"{"key":"bulk/17"}"#);
+    assert_eq!(status, OK);
+    assert_eq!(one["value"].as_str().map(str::len), Some(60 * 1024));
+}
+
+#[test]
 fn subscribers_get_change_notifications() {
     let Some(owrt) = Userland::find("subscribers_get_change_notifications") else {
         return;
