@@ -14,12 +14,14 @@
 //! dump                          {"entries":{key: value, ...}}
 //! status                        the status object (`gwsync status --json`)
 //! trigger {reason?}             {}          power-on|reconnect|network-up|manual
+//! reload                        {}          re-reads the key file (as SIGHUP)
 //! ```
 //!
 //! Errors are ubus status codes: `INVALID_ARGUMENT` (2) for missing or
 //! mistyped arguments, bad keys and values over the size limit, `NOT_FOUND`
-//! (4), `METHOD_NOT_FOUND` (3), `UNKNOWN_ERROR` (9) when the store is full
-//! or a reply would not fit in one ubus message. With an error the object
+//! (4), `METHOD_NOT_FOUND` (3), `UNKNOWN_ERROR` (9) when the store is full,
+//! the key file cannot be reloaded or a reply would not fit in one ubus
+//! message. With an error the object
 //! also sends `{"error": "<text>"}` first, which `ubus call` prints.
 //! `PERMISSION_DENIED` (6) comes from rpcd/uhttpd, never from here: the
 //! ACL file `/usr/share/rpcd/acl.d/gwsync.json` decides who may call what.
@@ -651,6 +653,7 @@ const SIGNATURE: &[(&str, &[(&str, u8)])] = &[
     ("dump", &[]),
     ("status", &[]),
     ("trigger", &[("reason", blob::TYPE_STRING)]),
+    ("reload", &[]),
 ];
 
 fn add_object_message(seq: u16) -> Vec<u8> {
@@ -677,8 +680,7 @@ pub fn change_body(change: &ChangeEvent) -> Writer {
             if json_to_blobmsg(&mut body, Some("value"), value).is_err() {
                 // Possible only for a value from a misbehaving peer: sent
                 // as its text, as `gwsync dump` does.
-                let mut text = String::new();
-                driver::push_json(&mut text, value.as_bytes());
+                let text = stored_json(value.as_bytes());
                 let _ = json_to_blobmsg(&mut body, Some("value"), &text);
             }
         }
@@ -689,6 +691,11 @@ pub fn change_body(change: &ChangeEvent) -> Writer {
 }
 
 // ------------------------------------------------------------------ methods
+
+/// A stored value as JSON text (see [`driver::StoredValue`]).
+fn stored_json(bytes: &[u8]) -> String {
+    serde_json::to_string(&driver::StoredValue::of(bytes)).unwrap_or_else(|_| "null".to_owned())
+}
 
 /// A method's failure: the status code and a message for the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -782,8 +789,7 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
                     status: Status::NotFound,
                     message: format!("key not found: {key}"),
                 })?;
-            let mut value = String::new();
-            driver::push_json(&mut value, entry.value.unwrap_or_default());
+            let value = stored_json(entry.value.unwrap_or_default());
             format!(
                 "{{\"key\":{},\"value\":{value},\"version\":\"{:016x}\",\"origin\":\"{}\"}}",
                 serde_json::Value::from(key),
@@ -825,7 +831,7 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
             )
         }
         "dump" => format!("{{\"entries\":{}}}", driver.dump()),
-        "status" => driver.status().to_string(),
+        "status" => driver.status().to_json(),
         "trigger" => {
             let reason = args.string("reason")?.unwrap_or("manual");
             let reason = control::parse_trigger(reason).ok_or_else(|| {
@@ -834,6 +840,13 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
                 ))
             })?;
             driver.trigger(reason);
+            "{}".to_owned()
+        }
+        "reload" => {
+            driver.reload_keys().map_err(|message| MethodError {
+                status: Status::UnknownError,
+                message,
+            })?;
             "{}".to_owned()
         }
         other => {
@@ -1428,7 +1441,9 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["get", "set", "del", "list", "dump", "status", "trigger"]
+            [
+                "get", "set", "del", "list", "dump", "status", "trigger", "reload"
+            ]
         );
     }
 

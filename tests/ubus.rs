@@ -75,9 +75,12 @@ impl Ubusd {
         }
     }
 
+    /// Kills ubusd and removes its socket, so a successor's shows when it
+    /// is listening.
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -214,6 +217,7 @@ const OK: u32 = 0;
 const INVALID_ARGUMENT: u32 = 2;
 const METHOD_NOT_FOUND: u32 = 3;
 const NOT_FOUND: u32 = 4;
+const UNKNOWN_ERROR: u32 = 9;
 
 #[test]
 fn every_method_through_the_ubus_cli_with_its_status_codes() {
@@ -299,6 +303,19 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
             > summaries
     });
 
+    // reload re-reads the key file; a broken one is refused, keys stay.
+    assert_eq!(call("reload", "{}"), (OK, json!({})));
+    std::fs::write(&key, "not a key\n").unwrap();
+    let (status, reply) = call("reload", "{}");
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty()),
+        "{reply}"
+    );
+    assert_eq!(daemon.status()["key_state"], "keyed");
+
     assert_eq!(call("del", r#"{"key":"scene/away"}"#), (OK, json!({})));
     assert_eq!(call("get", r#"{"key":"scene/away"}"#).0, NOT_FOUND);
     assert_eq!(daemon.get("scene/away"), None);
@@ -377,7 +394,7 @@ fn a_reply_over_ubusds_message_limit_is_an_error_and_the_object_stays() {
     let call =
         |method: &str, args: &str| ubus(&owrt, &bus.socket, &["call", "gwsync", method, args]);
     let (status, reply) = call("dump", "{}");
-    assert_eq!(status, 9, "UNKNOWN_ERROR: {reply}");
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
     assert!(
         reply["error"]
             .as_str()
