@@ -1187,12 +1187,18 @@ impl Conn {
                     (Some(0), Some(id)) => {
                         self.registered = true;
                         counters.registrations += 1;
-                        log::info!("ubus: object {OBJECT_NAME} registered (id {id:08x})");
+                        log::info!(
+                            "ubus: object {OBJECT_NAME} registered (id {id:08x}); so far {counters:?}"
+                        );
                     }
                     (status, _) => {
-                        log::error!(
-                            "ubus: ubusd refused the object {OBJECT_NAME} (status {status:?}); is another gwsync running?"
-                        );
+                        // Retried every 2 s: logged at the 1st, 2nd, 4th, 8th... time.
+                        if (counters.refused + 1).is_power_of_two() {
+                            log::error!(
+                                "ubus: ubusd refused the object {OBJECT_NAME} (status {status:?}, {} time(s)); is another gwsync running?",
+                                counters.refused + 1
+                            );
+                        }
                         return Err(Lost::Refused);
                     }
                 }

@@ -438,6 +438,30 @@ fn the_daemon_runs_without_ubusd_and_publishes_once_ubusd_appears() {
 }
 
 #[test]
+fn a_second_daemon_on_one_ubusd_is_refused_and_takes_over_when_the_first_stops() {
+    let Some(owrt) = Userland::find("a_second_daemon_on_one_ubusd") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-second");
+    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
+    let key = key_file(dir.path());
+    let port = unique_port();
+    let mut first = start_daemon(dir.path(), "first", None, "lo", port, &bus.socket, &key);
+    wait_for_object(&owrt, &bus.socket);
+    let second = start_daemon(dir.path(), "second", None, "lo", port, &bus.socket, &key);
+    wait_until("the second daemon says ubusd refused it", TIMEOUT, || {
+        second.log_text().contains("refused the object gwsync")
+    });
+    let owner = || ubus(&owrt, &bus.socket, &["call", "gwsync", "status"]).1["node_id"].clone();
+    assert_eq!(owner(), first.status()["node_id"]);
+    let successor = second.status()["node_id"].clone();
+    first.terminate();
+    wait_until("the second daemon owns the object", TIMEOUT, || {
+        owner() == successor
+    });
+}
+
+#[test]
 fn subscribers_get_change_notifications() {
     let Some(owrt) = Userland::find("subscribers_get_change_notifications") else {
         return;
