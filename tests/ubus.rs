@@ -281,6 +281,10 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
     let (_, page) = call("list", r#"{"prefix":"scene/","offset":1,"limit":1}"#);
     assert_eq!(page, json!({"keys": ["scene/movie"], "total": 2}));
     assert_eq!(call("list", "{}").1["total"], 3);
+    // null is "not given", as JSON clients such as LuCI send it.
+    let (_, all) = call("list", r#"{"prefix":null,"offset":null,"limit":null}"#);
+    assert_eq!(all["total"], 3);
+    assert_eq!(call("get", r#"{"key":null}"#).0, INVALID_ARGUMENT);
 
     let (status, dump) = call("dump", "{}");
     assert_eq!(status, OK);
