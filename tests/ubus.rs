@@ -370,6 +370,15 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
         assert!(message.contains(says), "{method} {shown}: {reply}");
     }
     assert_eq!(daemon.get("big"), None, "a refused value is not stored");
+
+    // A NUL in a string cannot cross ubus (blobmsg strings end at one).
+    daemon.set("nul", r#""a\u0000b""#);
+    let (status, reply) = call("get", r#"{"key":"nul"}"#);
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap_or_default().contains("NUL"),
+        "{reply}"
+    );
     assert_eq!(daemon.get("x"), None);
 }
 
