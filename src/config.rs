@@ -10,6 +10,7 @@
 //! | `--port N`               | `"port"`                 | 7373                   |
 //! | `--state-dir DIR`        | `"state_dir"`            | daemon: see below; C: memory only |
 //! | `--socket PATH`          | (daemon only)            | see below              |
+//! | `--ubus-socket PATH`     | (daemon only)            | /var/run/ubus/ubus.sock; `""`: no ubus |
 //! | `--key-file FILE`        | `"key_file"`             | none                   |
 //! | (key file only)          | `"keys": ["hex", ..]`    | none                   |
 //! | `--open`                 | `"open": true`           | false: a key is needed |
@@ -118,6 +119,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The control socket (daemon only).
     pub socket: Option<PathBuf>,
+    /// ubusd's socket (daemon only; empty: no ubus object), see [`crate::ubus`].
+    pub ubus_socket: PathBuf,
     pub key_file: Option<PathBuf>,
     /// Keys given inline (C config `"keys"`), first one sends.
     pub keys: Vec<GroupKey>,
@@ -144,6 +147,7 @@ impl Config {
             port: net::PORT_DEFAULT,
             state_dir: None,
             socket: None,
+            ubus_socket: PathBuf::from(crate::ubus::SOCKET_DEFAULT),
             key_file: None,
             keys: Vec::new(),
             open: false,
@@ -184,6 +188,7 @@ impl Config {
                 "--port" => config.port = config.port(&value()?)?,
                 "--state-dir" => config.state_dir = Some(PathBuf::from(value()?)),
                 "--socket" => config.socket = Some(PathBuf::from(value()?)),
+                "--ubus-socket" => config.ubus_socket = PathBuf::from(value()?),
                 "--key-file" => config.key_file = Some(PathBuf::from(value()?)),
                 "--open" => config.open = true,
                 "--node-id" => config.node_id = Some(config.node_id(&value()?)?),

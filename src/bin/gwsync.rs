@@ -589,6 +589,8 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         ControlServer::bind(&socket_path).map_err(|failure| error(failure.to_string()))?;
     let mut driver = Driver::open(driver_config).map_err(|failure| error(failure.to_string()))?;
     log::info!("gwsync {VERSION} serving {}", control.path().display());
+    let mut ubus = (!options.ubus_socket.as_os_str().is_empty())
+        .then(|| gwsync::ubus::Ubus::new(&options.ubus_socket));
     let mut stopping = false;
     while !stopping {
         // Cap the wait so a clock oddity can never park the loop for long.
@@ -596,6 +598,7 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
             .timeout_ms()
             .unwrap_or(60_000)
             .min(control.timeout_ms().unwrap_or(60_000))
+            .min(ubus.as_ref().and_then(|u| u.timeout_ms()).unwrap_or(60_000))
             .min(60_000);
         let ready = {
             let control_fds = control.poll_fds();
@@ -603,7 +606,9 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
                 PollFd::new(driver.as_fd(), PollFlags::POLLIN),
                 PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
             ];
-            for (fd, wants_read, wants_write) in control_fds {
+            let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
+            let ubus_fd = ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write));
+            for (fd, wants_read, wants_write) in control_fds.into_iter().chain(ubus_fd) {
                 let mut flags = PollFlags::empty();
                 if wants_read {
                     flags |= PollFlags::POLLIN;
@@ -642,8 +647,14 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         }
         driver.process();
         control.process(&mut driver);
+        if let Some(ubus) = &mut ubus {
+            ubus.process(&mut driver);
+        }
         while let Some(change) = driver.poll_change() {
             control.broadcast(&change);
+            if let Some(ubus) = &mut ubus {
+                ubus.broadcast(&change);
+            }
         }
         control.flush();
     }
