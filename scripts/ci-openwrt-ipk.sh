@@ -92,6 +92,7 @@ field() { sed -n "s/^$1: //p" "$x/control/control"; }
 expected="0600 ./etc/config/gwsync
 0644 ./etc/hotplug.d/iface/95-gwsync
 0644 ./lib/upgrade/keep.d/gwsync-state
+0644 ./usr/share/rpcd/acl.d/gwsync.json
 0755 ./etc/init.d/gwsync
 0755 ./etc/uci-defaults/50-gwsync
 0755 ./usr/sbin/gwsync"
