@@ -1210,6 +1210,33 @@ mod tests {
     }
 
     #[test]
+    fn write_errors_map_to_one_c_code_each() {
+        use crate::engine::WriteError;
+        let cases = [
+            (SetError::InvalidJson("x".into()), GWSYNC_ERR_INVALID),
+            (
+                SetError::Write(WriteError::InvalidKey),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (
+                SetError::Write(WriteError::ValueTooLarge),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (SetError::Write(WriteError::StoreFull), GWSYNC_ERR_FULL),
+            (SetError::Write(WriteError::NotFound), GWSYNC_ERR_NOT_FOUND),
+            (
+                SetError::NotPersisted("No space left on device".into()),
+                GWSYNC_ERR_NOT_PERSISTED,
+            ),
+        ];
+        for (failure, code) in cases {
+            let message = failure.to_string();
+            let error = write_result(Err(failure)).unwrap_err();
+            assert_eq!((error.code, error.message), (code, message));
+        }
+    }
+
+    #[test]
     fn a_value_with_a_nul_byte_reaches_c_as_a_json_string() {
         assert_eq!(c_string("{\"a\":1}".into()).as_bytes(), b"{\"a\":1}");
         assert_eq!(c_string("x\0y".into()).as_bytes(), b"\"x\\u0000y\"");

@@ -799,3 +799,53 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
     stuck.clear();
     assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
 }
+
+#[test]
+fn store_limits_are_daemon_flags_shown_in_status_and_enforced() {
+    let dir = TempDir::new("limits");
+    let port = unique_port().to_string();
+    let daemon = Daemon::start(
+        dir.path(),
+        "gw",
+        None,
+        &[
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+            "--max-entries",
+            "3",
+            "--max-store-bytes",
+            "100000",
+            "--tombstone-lifetime-s",
+            "3600",
+        ],
+    );
+    let limits = daemon.status()["limits"].clone();
+    assert_eq!(
+        limits,
+        serde_json::json!({"max_entries": 3, "max_store_bytes": 100000, "tombstone_lifetime_s": 3600})
+    );
+    for index in 0..3 {
+        daemon.set(&format!("k/{index}"), "1");
+    }
+    let full = daemon.cli(&["set", "k/3", "1"]);
+    assert_eq!(full.code, 1, "{full:?}");
+    assert!(full.stderr.contains("store is full"), "{full:?}");
+    let bad = gwsync(&["daemon", "--open", "--max-entries", "0"]);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("--max-entries: expected 1 to"),
+        "{bad:?}"
+    );
+    let keyless = gwsync(&[
+        "daemon",
+        "--socket",
+        "/nonexistent/s",
+        "--state-dir",
+        "/nonexistent/d",
+    ]);
+    assert_eq!(keyless.code, 2, "{keyless:?}");
+    assert!(keyless.stderr.contains("--key-file"), "{keyless:?}");
+    assert!(keyless.stderr.contains("--open"), "{keyless:?}");
+}
