@@ -849,3 +849,45 @@ fn store_limits_are_daemon_flags_shown_in_status_and_enforced() {
     assert!(keyless.stderr.contains("--key-file"), "{keyless:?}");
     assert!(keyless.stderr.contains("--open"), "{keyless:?}");
 }
+
+#[test]
+fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
+    let dir = TempDir::new("status-contract");
+    let daemons = group_on_lo(&dir, 2);
+    for index in 0..20 {
+        daemons[0].set(&format!("change/{index}"), &index.to_string());
+    }
+    daemons[0].cli(&["del", "change/0"]);
+    wait_until("gw1 has the delete", SYNC_TIMEOUT, || {
+        daemons[1].cli(&["get", "change/0"]).code == 3 && daemons[1].get("change/19").is_some()
+    });
+    let origin = daemons[0].status()["node_id"].clone();
+    let status = daemons[1].status();
+    assert_eq!(status["last_change"]["key"], "change/0", "{status}");
+    assert_eq!(status["last_change"]["deleted"], true);
+    assert_eq!(status["last_change"]["origin"], origin);
+    assert!(status["last_change"]["ms_ago"].is_u64());
+    let recent = status["recent_changes"].as_array().unwrap();
+    assert_eq!(recent.len(), 16);
+    assert_eq!(recent[0], status["last_change"]);
+    assert_eq!(recent[1]["key"], "change/19");
+    assert_eq!(recent[1]["deleted"], false);
+    assert_eq!(
+        status["persist"],
+        serde_json::json!({"ok": true, "error": null, "unsaved_changes": status["persist"]["unsaved_changes"]})
+    );
+    // Each peer's last summary digest against ours: in sync once the
+    // group is quiet again.
+    wait_until("each sees the other in sync", SYNC_TIMEOUT, || {
+        daemons.iter().all(|daemon| {
+            let status = daemon.status();
+            let peers = status["peers"].as_array().cloned().unwrap_or_default();
+            peers.len() == 1
+                && peers[0]["in_sync"] == true
+                && peers[0]["digest"] == status["digest"]
+        })
+    });
+    daemons[1].set("diverge", "1");
+    let status = daemons[1].status();
+    assert_eq!(status["peers"][0]["in_sync"], false, "{status}");
+}
