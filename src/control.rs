@@ -111,6 +111,8 @@ pub enum ErrorCode {
     ReloadFailed,
     /// The request is not understood.
     BadRequest,
+    /// The key holds the largest possible version; no write can be newer.
+    VersionExhausted,
 }
 
 impl ErrorCode {
@@ -124,6 +126,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted => "not_persisted",
             ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::VersionExhausted => "version_exhausted",
         }
     }
 
@@ -139,6 +142,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted,
             ErrorCode::ReloadFailed,
             ErrorCode::BadRequest,
+            ErrorCode::VersionExhausted,
         ]
         .into_iter()
         .find(|code| code.name() == name)
@@ -161,6 +165,7 @@ impl From<&SetError> for ErrorCode {
             SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
             SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
             SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
+            SetError::Write(WriteError::VersionExhausted) => ErrorCode::VersionExhausted,
             SetError::NotPersisted(_) => ErrorCode::NotPersisted,
         }
     }
@@ -267,7 +272,7 @@ impl ControlServer {
                 ),
             ));
         }
-        crate::config::check_dir_not_writable_by_others(parent, true)
+        crate::persist::check_dir_not_writable_by_others(parent, true)
             .map_err(|why| ControlError::Dir(path.to_owned(), why))?;
         if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).is_ok() {
