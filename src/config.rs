@@ -465,19 +465,15 @@ struct JsonConfig {
     tombstone_lifetime_s: Option<u64>,
 }
 
-/// Reads a key file (1 or 2 keys) and logs a warning when it is too open.
+/// Reads a key file (1 or 2 keys); a file others may read is logged.
 pub fn load_key_file(path: &Path) -> Result<Vec<GroupKey>, ConfigError> {
-    let (keys, warning) = crypto::load_key_file(path).map_err(|error| {
+    crate::driver::read_key_file(path).map_err(|error| {
         let message = format!("key file {}: {error}", path.display());
         match error {
             KeyFileError::Io(_) => ConfigError::io(message),
             _ => ConfigError::invalid(message),
         }
-    })?;
-    if let Some(warning) = warning {
-        log::warn!("key file {}: {warning}", path.display());
-    }
-    Ok(keys)
+    })
 }
 
 fn is_root() -> bool {

@@ -661,8 +661,12 @@ impl Driver {
             }
             Err(error) => {
                 self.counters.key_reload_errors += 1;
-                log::error!("reload: {error}; keeping the keys in use");
-                return Err(format!("{error}; keeping the keys in use"));
+                let message = format!(
+                    "key file {}: {error}; keeping the keys in use",
+                    path.display()
+                );
+                log::error!("reload: {message}");
+                return Err(message);
             }
         };
         self.counters.key_reloads += 1;
@@ -1402,6 +1406,16 @@ impl Drop for Driver {
             log::error!("closing: {error}");
         }
     }
+}
+
+/// Reads a key file (1 or 2 keys, see [`crypto::parse_keys`]); a file
+/// others may read still works and is logged as a warning.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<GroupKey>, crypto::KeyFileError> {
+    let (keys, warning) = crypto::load_key_file(path)?;
+    if let Some(warning) = warning {
+        log::warn!("key file {}: {warning}", path.display());
+    }
+    Ok(keys)
 }
 
 /// "id 17 (fingerprint 0011..) sends, id 4 (..) accepted": names keys in

@@ -569,6 +569,8 @@ fn c_code(code: ErrorCode) -> c_int {
         ErrorCode::StoreFull => GWSYNC_ERR_FULL,
         ErrorCode::NotPersisted => GWSYNC_ERR_NOT_PERSISTED,
         ErrorCode::ReloadFailed => GWSYNC_ERR_IO,
+        // No write can be newer than the stored version: a state, not an
+        // argument, problem.
         ErrorCode::VersionExhausted => GWSYNC_ERR_STATE,
     }
 }
@@ -1226,6 +1228,31 @@ mod tests {
         ] {
             let error = driver_config(bad).err().unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(error.code, GWSYNC_ERR_INVALID, "{bad}");
+        }
+    }
+
+    #[test]
+    fn write_errors_map_to_one_c_code_each() {
+        use crate::engine::WriteError;
+        let cases = [
+            (SetError::InvalidJson("x".into()), GWSYNC_ERR_INVALID),
+            (
+                SetError::Write(WriteError::InvalidKey),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (
+                SetError::Write(WriteError::ValueTooLarge),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (SetError::Write(WriteError::StoreFull), GWSYNC_ERR_FULL),
+            (SetError::Write(WriteError::NotFound), GWSYNC_ERR_NOT_FOUND),
+            (
+                SetError::NotPersisted("No space left on device".into()),
+                GWSYNC_ERR_NOT_PERSISTED,
+            ),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(c_code(ErrorCode::from(&failure)), code, "{failure}");
         }
     }
 

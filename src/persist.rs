@@ -24,15 +24,17 @@
 //!
 //! Values are JSON already and are written as they are, so the file stays
 //! readable. A value that came from the network is opaque to the engine
-//! and may not be JSON; writing it raw would make the whole file unreadable,
-//! so such a value is kept as hex bytes (`b`) instead.
+//! and may not be JSON, or be JSON with surrounding whitespace that a JSON
+//! reader would drop (changing the digest the gateways agree on); such a
+//! value is kept as hex bytes (`b`) instead, byte for byte. The file and
+//! the node id are written mode 0600 whatever the umask.
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::engine::clock::{Hlc, Version};
@@ -207,50 +209,97 @@ impl StateDir {
     }
 }
 
+/// Refuses a directory that users other than its owner (and root) may
+/// write into: anyone who can, can replace our files or our socket. A
+/// sticky directory (/tmp) is allowed when `sticky_ok`: there others can
+/// add names but not replace ours.
+pub fn check_dir_not_writable_by_others(dir: &Path, sticky_ok: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode();
+    let others_write = mode & 0o022 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(format!(
+            "{} belongs to uid {}, not to us (uid {uid}) or root: refusing to use it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if others_write && !(sticky_ok && sticky) {
+        return Err(format!(
+            "{} is writable by other users (mode {:04o}): they could replace gwsync's files; \
+             chmod go-w it or choose another directory",
+            dir.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// The file's head; the entries follow one per line, so a state file stays
+/// readable (and diffable) by a person.
+#[derive(Serialize)]
+struct StateHead {
+    format: u32,
+    node_id: String,
+    clock: u64,
+}
+
+/// One entry as written; the shape [`StateEntry`] reads back.
+#[derive(Serialize)]
+struct StateEntryOut<'a> {
+    k: &'a str,
+    t: u64,
+    o: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    d: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    b: Option<String>,
+}
+
 fn write_state(out: &mut impl Write, engine: &Engine) -> io::Result<()> {
-    write!(
-        out,
-        "{{\"format\":{FORMAT},\"node_id\":\"{}\",\"clock\":{},\"entries\":[",
-        engine.node_id(),
-        engine.clock_high_water().0
-    )?;
+    let head = serde_json::to_string(&StateHead {
+        format: FORMAT,
+        node_id: engine.node_id().to_string(),
+        clock: engine.clock_high_water().0,
+    })?;
+    // `{"format":1,...,"clock":N}` opened up to take the entries array.
+    out.write_all(&head.as_bytes()[..head.len() - 1])?;
+    out.write_all(b",\"entries\":[")?;
     write_entries(out, engine.store())?;
     out.write_all(b"\n]}\n")
 }
 
 fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
     for (index, (key, entry)) in store.iter().enumerate() {
-        out.write_all(if index == 0 {
-            b"\n{\"k\":"
-        } else {
-            b",\n{\"k\":"
-        })?;
-        serde_json::to_writer(&mut *out, key)?;
-        write!(
-            out,
-            ",\"t\":{},\"o\":\"{}\"",
-            entry.version.hlc.0, entry.version.origin
-        )?;
-        match entry.value {
-            None => out.write_all(b",\"d\":1}")?,
-            Some(value) if is_json(value) => {
-                out.write_all(b",\"v\":")?;
-                out.write_all(value)?;
-                out.write_all(b"}")?;
-            }
-            Some(value) => {
-                out.write_all(b",\"b\":\"")?;
-                out.write_all(crate::hex::encode(value).as_bytes())?;
-                out.write_all(b"\"}")?;
-            }
-        }
+        out.write_all(if index == 0 { b"\n" } else { b",\n" })?;
+        // Written as JSON only when reading it back gives the same bytes: a
+        // peer's value with surrounding whitespace would lose it, and with
+        // it the digest the other gateways agree on.
+        let json = entry.value.and_then(|value| {
+            serde_json::from_slice::<&RawValue>(value)
+                .ok()
+                .filter(|raw| raw.get().as_bytes() == value)
+        });
+        let line = StateEntryOut {
+            k: key,
+            t: entry.version.hlc.0,
+            o: entry.version.origin.to_string(),
+            v: json,
+            d: entry.value.is_none().then_some(1),
+            // Not JSON as is (only a misbehaving peer sends that): hex.
+            b: match (entry.value, json) {
+                (Some(value), None) => Some(crate::hex::encode(value)),
+                _ => None,
+            },
+        };
+        serde_json::to_writer(&mut *out, &line)?;
     }
     Ok(())
-}
-
-/// Whether bytes are one JSON value, checked without building it.
-pub fn is_json(bytes: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
 }
 
 #[derive(Deserialize)]
@@ -400,35 +449,6 @@ impl Debounce {
     }
 }
 
-/// Refuses a directory that users other than its owner (and root) may
-/// write into: anyone who can, can replace our files or our socket. A
-/// sticky directory (/tmp) is allowed when `sticky_ok`: there others can
-/// add names but not replace ours.
-pub fn check_dir_not_writable_by_others(dir: &Path, sticky_ok: bool) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-    let uid = nix::unistd::geteuid().as_raw();
-    let mode = meta.mode();
-    let others_write = mode & 0o022 != 0;
-    let sticky = mode & 0o1000 != 0;
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Err(format!(
-            "{} belongs to uid {}, not to us (uid {uid}) or root: refusing to use it",
-            dir.display(),
-            meta.uid()
-        ));
-    }
-    if others_write && !(sticky_ok && sticky) {
-        return Err(format!(
-            "{} is writable by other users (mode {:04o}): they could replace gwsync's files; \
-             chmod go-w it or choose another directory",
-            dir.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +474,7 @@ mod tests {
         // Quotes and backslashes need escaping in the file (control
         // characters are refused in keys).
         engine.set(0, 1_005, "we\"ird\\key", b"[1, 2]").unwrap();
+        engine.set(0, 1_006, "spaced", b" 1 ").unwrap();
         state.save(&engine).unwrap();
         let Loaded::State { clock, entries } = state.load() else {
             panic!("state did not load");
@@ -466,6 +487,8 @@ mod tests {
         assert_eq!(restored.get("gone"), None);
         assert!(restored.store().get("gone").unwrap().is_tombstone());
         assert_eq!(restored.get("raw"), Some(&b"\xff not json \""[..]));
+        // A peer's value is kept byte for byte, whitespace included.
+        assert_eq!(restored.get("spaced"), Some(&b" 1 "[..]));
         fs::remove_dir_all(&dir).unwrap();
     }
 
