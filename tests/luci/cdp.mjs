@@ -1,8 +1,10 @@
 // Drives headless Chromium over the DevTools protocol for tests/luci.rs, on
-// the pattern of ../shared/openwrt-luci/cdp-shot.mjs (Node >= 20.10 with
-// --experimental-websocket, no npm packages).
+// the pattern of ../shared/openwrt-luci/cdp-shot.mjs, but over
+// --remote-debugging-pipe (fds 3 and 4, NUL-terminated JSON) instead of a
+// WebSocket: no port to share, and any Node >= 18 with no npm packages.
 //
-//   node --experimental-websocket cdp.mjs DEVTOOLS_PORT
+//   node cdp.mjs COMMAND...     COMMAND starts Chromium (e.g. nsenter ... chromium ARGS);
+//                               --remote-debugging-pipe is appended
 //
 // The test sends one JSON command per line on stdin and reads one JSON
 // answer per line on stdout: {"ok":true,"value":...} or
@@ -16,31 +18,27 @@
 //   {"op":"shot","path":FILE}                         PNG of the whole page
 //   {"op":"problems"}                                 exceptions and console errors so far
 // A wait that times out answers ok:false with the page's visible text, so
-// the test's failure says what the page showed instead.
+// the test's failure says what the page showed instead. Chromium is closed
+// when stdin ends.
+import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 
-const [port] = process.argv.slice(2);
 const sleep = ms => new Promise(r => setTimeout(r, ms));
-
-let target;
-for (let i = 0; i < 150 && !target; i++) {
-	try {
-		target = await (await fetch(`http://127.0.0.1:${port}/json/new?about:blank`, { method: 'PUT' })).json();
-	} catch (e) { await sleep(200); }
-}
-if (!target) {
-	console.log(JSON.stringify({ ok: false, error: 'no DevTools endpoint on port ' + port }));
+const argv = process.argv.slice(2);
+const chromium = spawn(argv[0], [...argv.slice(1), '--remote-debugging-pipe'],
+	{ stdio: ['ignore', 'ignore', 'inherit', 'pipe', 'pipe'] });
+const toChromium = chromium.stdio[3], fromChromium = chromium.stdio[4];
+chromium.on('exit', code => {
+	console.log(JSON.stringify({ ok: false, error: `chromium exited (${code})` }));
 	process.exit(1);
-}
+});
 
-const ws = new WebSocket(target.webSocketDebuggerUrl);
-await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
 let seq = 0;
+let sessionId;
 const pending = new Map();
 let problems = [];
-ws.onmessage = m => {
-	const msg = JSON.parse(m.data);
+const onMessage = msg => {
 	if (msg.id && pending.has(msg.id)) { pending.get(msg.id)(msg); pending.delete(msg.id); return; }
 	if (msg.method === 'Runtime.exceptionThrown')
 		problems.push('exception: ' + (msg.params.exceptionDetails.exception?.description || msg.params.exceptionDetails.text));
@@ -49,9 +47,26 @@ ws.onmessage = m => {
 	if (msg.method === 'Log.entryAdded' && msg.params.entry.level === 'error')
 		problems.push('log: ' + msg.params.entry.text + ' ' + (msg.params.entry.url || ''));
 };
-const send = (method, params = {}) => new Promise(res => {
-	const id = ++seq; pending.set(id, res); ws.send(JSON.stringify({ id, method, params }));
+let buffered = Buffer.alloc(0);
+fromChromium.on('data', chunk => {
+	buffered = Buffer.concat([buffered, chunk]);
+	for (let end; (end = buffered.indexOf(0)) >= 0; buffered = buffered.subarray(end + 1))
+		onMessage(JSON.parse(buffered.subarray(0, end).toString('utf8')));
 });
+// Commands go to the page's session once attached (flat mode), before that
+// to the browser.
+const send = (method, params = {}, session = sessionId) => new Promise(res => {
+	const id = ++seq; pending.set(id, res);
+	toChromium.write(JSON.stringify(session ? { id, method, params, sessionId: session } : { id, method, params }) + '\0');
+});
+
+const created = await send('Target.createTarget', { url: 'about:blank' });
+if (!created.result) {
+	console.log(JSON.stringify({ ok: false, error: 'no page: ' + JSON.stringify(created.error) }));
+	process.exit(1);
+}
+sessionId = (await send('Target.attachToTarget', { targetId: created.result.targetId, flatten: true })).result.sessionId;
+
 const evaluate = async expr => {
 	const r = await send('Runtime.evaluate', { expression: expr, returnByValue: true, awaitPromise: true });
 	if (r.result?.exceptionDetails)
@@ -77,8 +92,13 @@ const ops = {
 	async login({ base, user, password }) {
 		// A new login must not ride on the previous user's session cookie.
 		await send('Network.clearBrowserCookies');
-		await send('Page.navigate', { url: `${base}/cgi-bin/luci/` });
-		await waitFor(`!!document.querySelector('input[name=luci_password]')`, 30000);
+		// uhttpd may still be starting: navigate again until the form shows.
+		const deadline = Date.now() + 30000;
+		for (;;) {
+			await send('Page.navigate', { url: `${base}/cgi-bin/luci/` });
+			try { await waitFor(`!!document.querySelector('input[name=luci_password]')`, 3000); break; }
+			catch (e) { if (Date.now() > deadline) throw e; }
+		}
 		await sleep(1000);   // the login form fades in; a click before that is lost
 		await evaluate(`(() => {
 			document.querySelector('input[name=luci_username]').value = ${JSON.stringify(user)};
@@ -132,5 +152,7 @@ for await (const line of lines) {
 	}
 	console.log(JSON.stringify(answer));
 }
-ws.close();
+chromium.removeAllListeners('exit');
+await Promise.race([send('Browser.close', {}, null), sleep(5000)]);
+chromium.kill();
 process.exit(0);

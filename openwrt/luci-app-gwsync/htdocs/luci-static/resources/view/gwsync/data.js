@@ -129,11 +129,13 @@ return view.extend({
 				E('div', { 'class': 'cbi-section-actions' }, [
 					E('button', {
 						'class': 'btn cbi-button cbi-button-neutral gwsync-view',
+						'data-key': key,
 						'click': ui.createHandlerFn(this, 'handleView', key)
 					}, _('View')),
 					' ',
 					E('button', {
 						'class': 'btn cbi-button cbi-button-edit gwsync-edit',
+						'data-key': key,
 						'disabled': this.canSet ? null : true,
 						'title': this.canSet ? null : _('This login may only read'),
 						'click': ui.createHandlerFn(this, 'handleEdit', key)
@@ -141,6 +143,7 @@ return view.extend({
 					' ',
 					E('button', {
 						'class': 'btn cbi-button cbi-button-remove gwsync-delete',
+						'data-key': key,
 						'disabled': this.canDel ? null : true,
 						'title': this.canDel ? null : _('This login may only read'),
 						'click': ui.createHandlerFn(this, 'handleDelete', key)
@@ -235,8 +238,8 @@ return view.extend({
 		}, this);
 
 		ui.showModal(key != null ? _('Edit %s').format(key) : _('Add a key'), [
-			E('div', { 'class': 'cbi-value' }, [ E('label', { 'class': 'cbi-value-title' }, _('Key')), keyInput ]),
-			E('div', { 'class': 'cbi-value' }, [ E('label', { 'class': 'cbi-value-title' }, _('Value (JSON)')), textarea ]),
+			E('label', { 'for': 'gwsync-edit-key', 'style': 'display:block;font-weight:bold' }, _('Key')), keyInput,
+			E('label', { 'for': 'gwsync-edit-value', 'style': 'display:block;font-weight:bold;margin-top:.5em' }, _('Value (JSON)')), textarea,
 			message,
 			E('div', { 'class': 'right' }, [
 				E('button', { 'class': 'btn cbi-button', 'click': ui.hideModal }, _('Cancel')),
@@ -332,7 +335,8 @@ return view.extend({
 
 		// Live: keys written on other gateways show up without a reload.
 		poll.add(L.bind(function() {
-			if (document.querySelector('#modal_overlay .modal') && document.body.classList.contains('modal-overlay-active'))
+			// Not under an open editor: a refresh must not move the rows it edits.
+			if (document.body.classList.contains('modal-overlay-active'))
 				return Promise.resolve();
 			return this.refresh();
 		}, this), 5);

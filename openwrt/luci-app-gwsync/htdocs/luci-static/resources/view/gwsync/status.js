@@ -128,7 +128,7 @@ return view.extend({
 
 		return changes.map(function(ch) {
 			return [
-				E('code', {}, ch.key),
+				E('code', { 'class': 'gwsync-change' }, ch.key),
 				ch.deleted ? E('em', {}, _('deleted')) : _('set'),
 				E('code', {}, ch.origin || '?'),
 				[ ch.ms_ago, formatAgo(ch.ms_ago) ]
