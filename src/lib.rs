@@ -18,4 +18,5 @@ pub mod logging;
 pub mod net;
 pub mod persist;
 pub mod sim;
+pub mod ubus;
 pub mod wire;

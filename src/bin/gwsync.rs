@@ -28,6 +28,7 @@ usage:
   gwsync daemon [--interface IF]... [--group ADDR] [--port N] [--state-dir DIR]
                 [--socket PATH] [--key-file FILE] [--node-id HEX]
                 [--log-level error|warn|info|debug] [--foreground]
+                [--ubus-socket PATH (default /var/run/ubus/ubus.sock; \"\": off)]
   gwsync [--socket PATH] get KEY | set KEY JSON | del KEY | list [PREFIX]
                 | dump | status | trigger [power-on|reconnect|network-up]
                 | watch
@@ -179,6 +180,8 @@ struct DaemonOptions {
     log_level: log::LevelFilter,
     foreground: bool,
     key_file: Option<PathBuf>,
+    /// ubusd's socket; empty: no ubus.
+    ubus_socket: PathBuf,
 }
 
 fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<DaemonOptions, Failure> {
@@ -188,6 +191,7 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
         log_level: log::LevelFilter::Info,
         foreground: false,
         key_file: None,
+        ubus_socket: PathBuf::from(gwsync::ubus::SOCKET_DEFAULT),
     };
     let mut state_dir = None;
     let mut args = args.into_iter();
@@ -232,6 +236,7 @@ fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<Daemo
                     .map_err(|_| usage(format!("--log-level: unknown level: {text}")))?;
             }
             "--foreground" | "-f" => options.foreground = true,
+            "--ubus-socket" => options.ubus_socket = PathBuf::from(value_of(&flag, args.next())?),
             other => return Err(usage(format!("daemon: unknown option: {other}"))),
         }
     }
@@ -281,17 +286,24 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         ControlServer::bind(&options.socket).map_err(|failure| error(failure.to_string()))?;
     let mut driver = Driver::open(options.config).map_err(|failure| error(failure.to_string()))?;
     log::info!("gwsync {VERSION} serving {}", control.path().display());
+    let mut ubus = (!options.ubus_socket.as_os_str().is_empty())
+        .then(|| gwsync::ubus::Ubus::new(&options.ubus_socket));
     let mut stopping = false;
     while !stopping {
         // Cap the wait so a clock oddity can never park the loop for long.
         let wait_ms = driver.timeout_ms().unwrap_or(60_000).min(60_000);
+        let wait_ms = ubus
+            .as_ref()
+            .and_then(|u| u.timeout_ms())
+            .map_or(wait_ms, |ms| ms.min(wait_ms));
         let ready = {
             let control_fds = control.poll_fds();
             let mut fds = vec![
                 PollFd::new(driver.as_fd(), PollFlags::POLLIN),
                 PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
             ];
-            for (fd, wants_write) in control_fds {
+            let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
+            for (fd, wants_write) in control_fds.into_iter().chain(ubus_fd) {
                 let mut flags = PollFlags::POLLIN;
                 if wants_write {
                     flags |= PollFlags::POLLOUT;
@@ -322,8 +334,14 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         }
         driver.process();
         control.process(&mut driver);
+        if let Some(ubus) = &mut ubus {
+            ubus.process(&mut driver);
+        }
         while let Some(change) = driver.poll_change() {
             control.broadcast(&change);
+            if let Some(ubus) = &mut ubus {
+                ubus.broadcast(&change);
+            }
         }
         control.flush();
     }

@@ -5,6 +5,8 @@
 //! condition until a deadline and fails the test with what it waited for.
 #![allow(dead_code)]
 
+pub mod owrt;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
