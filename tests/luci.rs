@@ -224,6 +224,13 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the page showed when the test failed, for the artifacts.
+            let path = shots_dir().join("failure.png");
+            if self.call(json!({"op": "shot", "path": path})).is_ok() {
+                eprintln!("screenshot of the failure: {}", path.display());
+            }
+        }
         // End of stdin: cdp.mjs closes Chromium and exits.
         drop(self.stdin.take());
         let (tx, rx) = std::sync::mpsc::channel();

@@ -126,7 +126,7 @@ return view.extend({
 				E('code', { 'class': 'gwsync-key' }, key),
 				E('code', { 'class': 'gwsync-value' }, entry ? preview(entry.value) : E('em', {}, _('(gone)'))),
 				E('code', {}, entry ? (entry.origin || '?') : '-'),
-				E('div', { 'class': 'cbi-section-actions' }, [
+				E('div', { 'class': 'cbi-section-actions', 'style': 'white-space:nowrap' }, [
 					E('button', {
 						'class': 'btn cbi-button cbi-button-neutral gwsync-view',
 						'data-key': key,
