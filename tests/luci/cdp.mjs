@@ -29,6 +29,11 @@ const argv = process.argv.slice(2);
 const chromium = spawn(argv[0], [...argv.slice(1), '--remote-debugging-pipe'],
 	{ stdio: ['ignore', 'ignore', 'inherit', 'pipe', 'pipe'] });
 const toChromium = chromium.stdio[3], fromChromium = chromium.stdio[4];
+for (const pipe of [toChromium, fromChromium])
+	pipe.on('error', e => {
+		console.log(JSON.stringify({ ok: false, error: 'pipe to chromium: ' + e.message }));
+		process.exit(1);
+	});
 chromium.on('exit', code => {
 	console.log(JSON.stringify({ ok: false, error: `chromium exited (${code})` }));
 	process.exit(1);

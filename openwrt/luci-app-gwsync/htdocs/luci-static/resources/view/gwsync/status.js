@@ -24,6 +24,7 @@ var ATTENTION_COUNTERS = {
 	join_errors: _('Multicast join errors'),
 	state_write_errors: _('State file write errors'),
 	changes_dropped: _('Change events dropped'),
+	key_reload_errors: _('Key file reload errors'),
 	node_id_clashes: _('Node id clashes (cloned image?)')
 };
 
@@ -54,7 +55,7 @@ function keyState(st) {
 			' ', _('no group key: datagrams are sent in clear text and not authenticated'));
 
 	if (other.senders > 0)
-		parts.push(E('br'), E('span', { 'class': 'label important' }, _('Hearing another key')), ' ',
+		parts.push(E('br'), E('span', { 'class': 'label warning' }, _('Hearing another key')), ' ',
 			_('%d sender(s), %d datagram(s) no configured key opens: %s').format(
 				other.senders, other.datagrams || 0, (other.addresses || []).join(', ') || '?'));
 
@@ -94,8 +95,7 @@ return view.extend({
 		return [
 			[ _('Node id'), E('code', { 'id': 'gwsync-node-id' }, st.node_id || '?') ],
 			[ _('Key state'), keyState(st) ],
-			[ _('Entries'), '%d (%d %s, %1024mB)'.format(st.live_entries || 0,
-				(st.entries || 0) - (st.live_entries || 0), _('deleted'), st.store_bytes || 0) ],
+			[ _('Entries'), this.usage(st) ],
 			[ _('Summary digest'), E('code', {}, st.digest || '-') ],
 			[ _('Multicast group'), '%s port %d'.format(st.group || '?', st.port || 0) ],
 			[ _('Interfaces'), ifaces.join(', ') || '-' ],
@@ -106,12 +106,28 @@ return view.extend({
 		];
 	},
 
+	// Entries and bytes against the limits, when the daemon reports them:
+	// a store near its cap refuses writes.
+	usage: function(st) {
+		var limits = st.limits || {},
+		    text = _('%d keys, %d deleted (remembered), %1024mB').format(st.live_entries || 0,
+			(st.entries || 0) - (st.live_entries || 0), st.store_bytes || 0);
+
+		if (limits.max_entries && limits.max_store_bytes)
+			text += ' \u2014 ' + _('limits %d entries, %1024mB').format(limits.max_entries, limits.max_store_bytes);
+
+		var full = (limits.max_entries && st.entries >= 0.9 * limits.max_entries) ||
+			(limits.max_store_bytes && st.store_bytes >= 0.9 * limits.max_store_bytes);
+
+		return full ? E('span', {}, [ E('span', { 'class': 'label warning' }, _('Nearly full')), ' ', text ]) : text;
+	},
+
 	peerRows: function(st) {
 		return (st.peers || []).map(function(p) {
 			var agrees = p.in_sync
 				? E('span', { 'class': 'label success' }, _('in sync'))
 				: (p.in_sync === false
-					? E('span', { 'class': 'label warning' }, _('differs'))
+					? E('span', { 'class': 'label notice' }, _('differs'))
 					: '?');
 
 			return [
