@@ -285,6 +285,12 @@ fn service(router: &Router) -> (u64, Vec<String>) {
 #[test]
 fn luci_app_in_chromium() {
     const TEST: &str = "luci_app_in_chromium";
+    if !common::runner_argv().is_empty() {
+        common::skip_on_emulator(&format!(
+            "{TEST}: the OpenWrt userland and Chromium are x86_64 host programs"
+        ));
+        return;
+    }
     if !have("chromium") || !have("node") || !have("openssl") {
         skip(&format!(
             "{TEST}: needs chromium, nodejs and openssl (apt-get install chromium nodejs openssl)"

@@ -94,7 +94,7 @@ return view.extend({
 		};
 
 		o = s.taboption('security', form.Value, 'key', _('Key'),
-			_('The group key itself (64 hex digits or 44 base64 characters). The key file wins when both are set.'));
+			_('The group key itself (64 hex digits or 44 base64 characters). The key file wins when both are set. Every login that may read these settings can read this key: prefer the key file.'));
 		o.password = true;
 		o.depends('open', '0');
 		o.retain = true;
