@@ -146,7 +146,9 @@ return view.extend({
 			return [
 				E('code', { 'class': 'gwsync-change' }, ch.key),
 				ch.deleted ? E('em', {}, _('deleted')) : _('set'),
-				E('code', {}, ch.origin || '?'),
+				(ch.origin && ch.origin == st.node_id)
+					? E('span', {}, [ E('code', {}, ch.origin), ' ', E('em', {}, _('(this gateway)')) ])
+					: E('code', {}, ch.origin || '?'),
 				[ ch.ms_ago, formatAgo(ch.ms_ago) ]
 			];
 		});
