@@ -73,6 +73,14 @@
 #define GWSYNC_ERR_PANIC -8
 
 /**
+ * The write was applied and sent to the other gateways, but the state
+ * directory cannot be written (full or read-only flash): it is lost at a
+ * restart unless saving recovers first. `gwsync_last_error` says why;
+ * `gwsync_status` shows `"persist": {"ok": false, ...}` meanwhile.
+ */
+#define GWSYNC_ERR_NOT_PERSISTED -9
+
+/**
  * `gwsync_trigger` reason: the devices this gateway manages powered on.
  */
 #define GWSYNC_TRIGGER_POWER_ON 1
@@ -148,18 +156,28 @@ extern "C" {
  * - "port": UDP port; default 7373;
  * - "state_dir": where the node id and data persist (debounced atomic
  *   writes); default: none, everything is kept in memory only;
- * - "key_file": file with the 64-hex-digit group key (`gwsync genkey`);
- *   default: no key;
+ * - "key_file": file with the group key (`gwsync genkey`), or two keys one
+ *   per line during a rotation: the first is sent with, both are accepted;
+ * - "keys": the same, inline: ["<64 hex digits>", ...] (1 or 2 keys);
+ * - "open": true runs without a key: every host on the LAN can then read
+ *   and change every value. Exactly one of "key_file", "keys" and
+ *   "open": true must be given: a handle without a key is refused;
  * - "node_id": up to 16 hex digits; default: the persisted one, or random;
  * - "log_level": "off", "error", "warn", "info", "debug" or "trace";
- *   default "warn". Logs go to stderr; the level is process-wide.
+ *   default "warn". Logs go to stderr; the level is process-wide;
+ * - "max_entries": entries the store holds at most, tombstones included;
+ *   default 100000;
+ * - "max_store_bytes": bytes of keys and values the store holds at most;
+ *   default 16777216 (16 MiB);
+ * - "tombstone_lifetime_s": seconds a delete is remembered, so an older
+ *   copy cannot bring the key back; default 604800 (7 days).
  *
  * Interfaces that do not exist yet are not an error: they are joined when
  * they appear. Returns a handle owned by the caller (free it with
  * `gwsync_close`), or NULL with `gwsync_last_error()` set: config_json
- * NULL, not UTF-8, not JSON, an unknown key or a bad value
- * (GWSYNC_ERR_INVALID), the state directory or key file unusable
- * (GWSYNC_ERR_IO).
+ * NULL, not UTF-8, not JSON, an unknown or repeated key, a bad value or
+ * no key and no "open": true (GWSYNC_ERR_INVALID), the state directory or
+ * key file unusable (GWSYNC_ERR_IO).
  *
  * The handle starts in poll mode: nothing runs until `gwsync_process`.
  *

@@ -12,13 +12,37 @@
 //! {"op":"dump"}                         {"ok":true,"data":{"home/1":<JSON>,...}}
 //! {"op":"status"}                       {"ok":true,"status":{...}}
 //! {"op":"trigger","reason":"network-up"} {"ok":true}
+//! {"op":"reload"}                       {"ok":true,"keys":<1 or 2>}
 //! {"op":"watch"}                        {"ok":true} then one line per change:
 //!     {"key":"home/1","value":<JSON>,"origin":"<node id>"}
 //!     {"key":"home/1","deleted":true,"origin":"<node id>"}
 //! ```
 //!
 //! Errors: `{"ok":false,"error":"<code>","message":"<text>"}` with code one
-//! of [`ErrorCode`]'s names.
+//! of [`ErrorCode`]'s names. A request naming one field twice is refused
+//! (`bad_request`), so no two readers of it can disagree on what it asked.
+//!
+//! # Limits
+//!
+//! One local client must not be able to slow the daemon for the others or
+//! grow its memory, so every connection is bounded, each limit counted in
+//! `status` under `"control"`:
+//! - [`REQUEST_BYTES_MAX`]: a longer request line closes the connection
+//!   (`requests_too_long`);
+//! - requests are answered one at a time per client: the next request of a
+//!   client is read only once its previous reply has left (so a client that
+//!   sends thousands of `dump`s and never reads holds one reply, not
+//!   thousands);
+//! - [`CLIENT_QUEUED_BYTES_MAX`]: a `watch` client whose unsent change
+//!   lines pass it is disconnected (`clients_dropped_backlog`);
+//! - [`CLIENT_IDLE_MS`]: a client that moved no byte for that long while
+//!   it owes us a request, or we owe it a reply it does not read, is closed
+//!   (`clients_closed_idle`); a `watch` client with nothing queued is never
+//!   idle;
+//! - [`CLIENTS_MAX`]: when full, a new client evicts the longest-idle client
+//!   that is between requests (`clients_evicted`); only when every client
+//!   is busy is the new one refused (`clients_refused`), logged at most once
+//!   per [`REFUSAL_LOG_INTERVAL_MS`] with the count.
 //!
 //! Values are embedded as JSON (not as strings) so the socket is pleasant
 //! to use with `socat`; the daemon still takes them as raw text, so member
@@ -28,25 +52,34 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use serde_json::Value;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::driver::{self, ChangeEvent, Driver, SetError};
+use crate::driver::{ChangeEvent, Driver, SetError, Status, StoredValue};
 use crate::engine::{TriggerReason, WriteError};
 
 /// A request line longer than this closes the connection; it is well above
 /// the largest value (64 KiB) so any valid `set` fits.
 pub const REQUEST_BYTES_MAX: usize = 1024 * 1024;
-/// A client (a slow `watch`) whose unsent replies pass this is dropped, so
+/// Unsent bytes a `watch` client may have queued before it is dropped, so
 /// the daemon's memory stays bounded.
-pub const CLIENT_BACKLOG_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub const CLIENT_QUEUED_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Milliseconds without a byte moving after which a client that is in the
+/// middle of a request or not reading its reply is closed.
+pub const CLIENT_IDLE_MS: u64 = 10_000;
 /// Connections served at once.
 pub const CLIENTS_MAX: usize = 32;
+/// At most one "refused a client" log line per this many milliseconds.
+pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Error codes of the protocol.
+/// Error codes of the protocol, and the one mapping of a failed write to
+/// them (and from them to CLI exit codes; the C API maps them in ffi.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     /// The key holds no value.
@@ -59,6 +92,10 @@ pub enum ErrorCode {
     TooLarge,
     /// The store is at its entry or byte limit.
     StoreFull,
+    /// The write was applied and sent, but the state cannot be saved.
+    NotPersisted,
+    /// `reload` could not read the key file; the keys in use stay.
+    ReloadFailed,
     /// The request is not understood.
     BadRequest,
 }
@@ -71,7 +108,47 @@ impl ErrorCode {
             ErrorCode::InvalidKey => "invalid_key",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::StoreFull => "store_full",
+            ErrorCode::NotPersisted => "not_persisted",
+            ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::BadRequest => "bad_request",
+        }
+    }
+
+    /// The code a reply's `"error"` names; `None` for a name this build
+    /// does not know (a newer daemon).
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        [
+            ErrorCode::NotFound,
+            ErrorCode::InvalidJson,
+            ErrorCode::InvalidKey,
+            ErrorCode::TooLarge,
+            ErrorCode::StoreFull,
+            ErrorCode::NotPersisted,
+            ErrorCode::ReloadFailed,
+            ErrorCode::BadRequest,
+        ]
+        .into_iter()
+        .find(|code| code.name() == name)
+    }
+
+    /// The CLI's exit code: 3 key not found, 1 any other error.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCode::NotFound => 3,
+            _ => 1,
+        }
+    }
+}
+
+impl From<&SetError> for ErrorCode {
+    fn from(error: &SetError) -> ErrorCode {
+        match error {
+            SetError::InvalidJson(_) => ErrorCode::InvalidJson,
+            SetError::Write(WriteError::InvalidKey) => ErrorCode::InvalidKey,
+            SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
+            SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
+            SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
+            SetError::NotPersisted(_) => ErrorCode::NotPersisted,
         }
     }
 }
@@ -81,6 +158,8 @@ impl ErrorCode {
 pub enum ControlError {
     /// Another daemon answers on this path.
     InUse(PathBuf),
+    /// The socket's directory is missing or unsafe.
+    Dir(PathBuf, String),
     /// The socket could not be bound.
     Bind(PathBuf, io::Error),
 }
@@ -91,6 +170,9 @@ impl fmt::Display for ControlError {
             ControlError::InUse(path) => {
                 write!(f, "a daemon is already serving {}", path.display())
             }
+            ControlError::Dir(path, why) => {
+                write!(f, "control socket {}: {why}", path.display())
+            }
             ControlError::Bind(path, error) => {
                 write!(f, "cannot listen on {}: {error}", path.display())
             }
@@ -99,6 +181,19 @@ impl fmt::Display for ControlError {
 }
 
 impl std::error::Error for ControlError {}
+
+/// Limits hit and clients served, for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ControlCounters {
+    pub clients_accepted: u64,
+    pub clients_refused: u64,
+    pub clients_evicted: u64,
+    pub clients_closed_idle: u64,
+    pub clients_dropped_backlog: u64,
+    pub requests: u64,
+    pub requests_bad: u64,
+    pub requests_too_long: u64,
+}
 
 #[derive(Debug)]
 struct Client {
@@ -109,6 +204,22 @@ struct Client {
     /// Read side finished (EOF or error): close once the outbox is sent.
     done_reading: bool,
     broken: bool,
+    /// When a byte last moved either way (ms since the server started).
+    last_progress_ms: u64,
+}
+
+impl Client {
+    /// Between requests: nothing half-read, nothing owed. Such a client
+    /// costs only its fd and may be evicted for a new one.
+    fn is_idle(&self) -> bool {
+        !self.watching && self.inbox.is_empty() && self.outbox.is_empty()
+    }
+
+    /// Whether it waits on the other side (a request to finish, a reply to
+    /// be read); a watcher with nothing queued waits on us.
+    fn may_time_out(&self) -> bool {
+        !(self.watching && self.outbox.is_empty())
+    }
 }
 
 /// The daemon's side of the control socket.
@@ -117,20 +228,39 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     clients: Vec<Client>,
+    start: Instant,
+    counters: ControlCounters,
+    refusals_unlogged: u64,
+    refusal_logged_at: Option<u64>,
 }
 
 impl ControlServer {
     /// Listens on `path`, mode 0600. A stale socket file left by a crashed
-    /// daemon is replaced; a live one is an error.
+    /// daemon is replaced; a live one is an error. The directory must exist
+    /// (it is never created silently) and must not be writable by other
+    /// users (a sticky directory such as /tmp is accepted: others cannot
+    /// replace our socket there, and the CLI checks the socket's owner).
     pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
-        if path.exists() {
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() {
+            return Err(ControlError::Dir(
+                path.to_owned(),
+                format!(
+                    "the directory {} does not exist; create it or choose another --socket",
+                    parent.display()
+                ),
+            ));
+        }
+        crate::config::check_dir_not_writable_by_others(parent, true)
+            .map_err(|why| ControlError::Dir(path.to_owned(), why))?;
+        if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_owned()));
             }
             let _ = std::fs::remove_file(path);
-        }
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
         }
         // The umask makes the socket 0600 from its first moment, with no
         // window in which another user could connect.
@@ -145,6 +275,10 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             clients: Vec::new(),
+            start: Instant::now(),
+            counters: ControlCounters::default(),
+            refusals_unlogged: 0,
+            refusal_logged_at: None,
         })
     }
 
@@ -152,36 +286,46 @@ impl ControlServer {
         &self.path
     }
 
+    pub fn counters(&self) -> &ControlCounters {
+        &self.counters
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
     /// The fds to poll: the listener (readable) and every client, with
-    /// whether it has output waiting (poll it for writable too).
-    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool)> {
-        let mut fds = vec![(self.listener.as_fd(), false)];
-        fds.extend(
-            self.clients
-                .iter()
-                .map(|client| (client.stream.as_fd(), !client.outbox.is_empty())),
-        );
+    /// whether to poll it for readable (it may send its next request) and
+    /// writable (output is waiting).
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, bool, bool)> {
+        let mut fds = vec![(self.listener.as_fd(), true, false)];
+        fds.extend(self.clients.iter().map(|client| {
+            (
+                client.stream.as_fd(),
+                !client.done_reading && client.outbox.is_empty(),
+                !client.outbox.is_empty(),
+            )
+        }));
         fds
+    }
+
+    /// Milliseconds until a client may time out, so the daemon's poll
+    /// wakes for it; `None` when none can.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        let now = self.now();
+        self.clients
+            .iter()
+            .filter(|client| client.may_time_out())
+            .map(|client| (client.last_progress_ms + CLIENT_IDLE_MS).saturating_sub(now))
+            .min()
     }
 
     /// Accepts, reads, answers and writes whatever is ready; never blocks.
     pub fn process(&mut self, driver: &mut Driver) {
+        let now = self.now();
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if self.clients.len() >= CLIENTS_MAX || stream.set_nonblocking(true).is_err() {
-                        log::warn!("control socket: too many clients; refusing one");
-                        continue;
-                    }
-                    self.clients.push(Client {
-                        stream,
-                        inbox: Vec::new(),
-                        outbox: Vec::new(),
-                        watching: false,
-                        done_reading: false,
-                        broken: false,
-                    });
-                }
+                Ok((stream, _)) => self.admit(stream, now),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
@@ -190,12 +334,83 @@ impl ControlServer {
                 }
             }
         }
+        for index in 0..self.clients.len() {
+            let status_extra = self.status_extra();
+            let client = &mut self.clients[index];
+            client.read(driver, now, &mut self.counters, &status_extra);
+            client.write(now);
+        }
         for client in &mut self.clients {
-            client.read(driver);
-            client.write();
+            if !client.broken
+                && client.may_time_out()
+                && now.saturating_sub(client.last_progress_ms) >= CLIENT_IDLE_MS
+            {
+                client.broken = true;
+                self.counters.clients_closed_idle += 1;
+            }
         }
         self.clients
             .retain(|client| !(client.broken || client.done_reading && client.outbox.is_empty()));
+        self.log_refusals(now);
+    }
+
+    fn admit(&mut self, stream: UnixStream, now: u64) {
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        if self.clients.len() >= CLIENTS_MAX {
+            let idlest = self
+                .clients
+                .iter()
+                .enumerate()
+                .filter(|(_, client)| client.is_idle())
+                .min_by_key(|(_, client)| client.last_progress_ms)
+                .map(|(index, _)| index);
+            match idlest {
+                Some(index) => {
+                    self.clients.swap_remove(index);
+                    self.counters.clients_evicted += 1;
+                }
+                None => {
+                    self.counters.clients_refused += 1;
+                    self.refusals_unlogged += 1;
+                    return;
+                }
+            }
+        }
+        self.counters.clients_accepted += 1;
+        self.clients.push(Client {
+            stream,
+            inbox: Vec::new(),
+            outbox: Vec::new(),
+            watching: false,
+            done_reading: false,
+            broken: false,
+            last_progress_ms: now,
+        });
+    }
+
+    fn log_refusals(&mut self, now: u64) {
+        if self.refusals_unlogged == 0 {
+            return;
+        }
+        let due = self
+            .refusal_logged_at
+            .is_none_or(|at| now.saturating_sub(at) >= REFUSAL_LOG_INTERVAL_MS);
+        if due {
+            log::warn!(
+                "control socket: {} busy clients connected (the limit); refused {} new \
+                 client(s) since the last such message",
+                CLIENTS_MAX,
+                self.refusals_unlogged
+            );
+            self.refusals_unlogged = 0;
+            self.refusal_logged_at = Some(now);
+        }
+    }
+
+    fn status_extra(&self) -> serde_json::Value {
+        serde_json::to_value(&self.counters).unwrap_or_default()
     }
 
     /// Sends a change to every `watch` client.
@@ -203,17 +418,22 @@ impl ControlServer {
         let line = change_line(change);
         for client in self.clients.iter_mut().filter(|client| client.watching) {
             client.outbox.extend_from_slice(line.as_bytes());
-            if client.outbox.len() > CLIENT_BACKLOG_BYTES_MAX {
-                log::warn!("control socket: a watch client fell too far behind; dropping it");
+            if client.outbox.len() > CLIENT_QUEUED_BYTES_MAX && !client.broken {
+                log::warn!(
+                    "control socket: a watch client fell {CLIENT_QUEUED_BYTES_MAX} bytes behind; \
+                     dropping it"
+                );
                 client.broken = true;
+                self.counters.clients_dropped_backlog += 1;
             }
         }
     }
 
     /// Writes what is pending without blocking (after a broadcast).
     pub fn flush(&mut self) {
+        let now = self.now();
         for client in &mut self.clients {
-            client.write();
+            client.write(now);
         }
         self.clients.retain(|client| !client.broken);
     }
@@ -226,37 +446,56 @@ impl Drop for ControlServer {
 }
 
 impl Client {
-    fn read(&mut self, driver: &mut Driver) {
+    fn read(
+        &mut self,
+        driver: &mut Driver,
+        now: u64,
+        counters: &mut ControlCounters,
+        status_extra: &serde_json::Value,
+    ) {
         let mut buf = [0u8; 16 * 1024];
-        while !self.done_reading && !self.broken {
-            match self.stream.read(&mut buf) {
-                Ok(0) => self.done_reading = true,
-                Ok(len) => self.inbox.extend_from_slice(&buf[..len]),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => self.broken = true,
-            }
-            while let Some(end) = self.inbox.iter().position(|&byte| byte == b'\n') {
+        // One request at a time: the next is taken only once the reply to
+        // the previous one has left.
+        while self.outbox.is_empty() && !self.broken {
+            if let Some(end) = self.inbox.iter().position(|&byte| byte == b'\n') {
                 let line: Vec<u8> = self.inbox.drain(..=end).collect();
-                let reply = self.answer(driver, &line[..end]);
+                counters.requests += 1;
+                let reply = self.answer(driver, &line[..end], counters, status_extra);
                 self.outbox.extend_from_slice(reply.as_bytes());
                 self.outbox.push(b'\n');
+                continue;
             }
             if self.inbox.len() > REQUEST_BYTES_MAX {
+                counters.requests_too_long += 1;
                 let reply = error_reply(ErrorCode::BadRequest, "request line too long");
                 self.outbox.extend_from_slice(reply.as_bytes());
                 self.outbox.push(b'\n');
                 self.inbox.clear();
                 self.done_reading = true;
+                break;
+            }
+            if self.done_reading {
+                break;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => self.done_reading = true,
+                Ok(len) => {
+                    self.last_progress_ms = now;
+                    self.inbox.extend_from_slice(&buf[..len]);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => self.broken = true,
             }
         }
     }
 
-    fn write(&mut self) {
+    fn write(&mut self, now: u64) {
         while !self.outbox.is_empty() && !self.broken {
             match self.stream.write(&self.outbox) {
                 Ok(0) => self.broken = true,
                 Ok(len) => {
+                    self.last_progress_ms = now;
                     self.outbox.drain(..len);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
@@ -264,17 +503,32 @@ impl Client {
                 Err(_) => self.broken = true,
             }
         }
+        if self.outbox.is_empty() && self.outbox.capacity() > 64 * 1024 {
+            // A large reply left; do not keep its buffer for an idle client.
+            self.outbox = Vec::new();
+        }
         // A watcher stays until it hangs up; its EOF means "stop".
     }
 
-    fn answer(&mut self, driver: &mut Driver, line: &[u8]) -> String {
-        match handle_request(driver, line) {
+    fn answer(
+        &mut self,
+        driver: &mut Driver,
+        line: &[u8],
+        counters: &mut ControlCounters,
+        status_extra: &serde_json::Value,
+    ) -> String {
+        match handle_request(driver, line, status_extra) {
             Ok(Answer::Reply(reply)) => reply,
             Ok(Answer::Watch) => {
                 self.watching = true;
-                r#"{"ok":true}"#.to_owned()
+                ok_reply(OkReply::default())
             }
-            Err((code, message)) => error_reply(code, &message),
+            Err((code, message)) => {
+                if code == ErrorCode::BadRequest {
+                    counters.requests_bad += 1;
+                }
+                error_reply(code, &message)
+            }
         }
     }
 }
@@ -284,27 +538,91 @@ enum Answer {
     Watch,
 }
 
+/// Every successful reply: `"ok": true` and at most one payload field.
+#[derive(Default, Serialize)]
+struct OkReply<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<StoredValue<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys: Option<KeysPayload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Status>,
+}
+
+/// `list` answers key names, `reload` how many keys are in use.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum KeysPayload {
+    Names(Vec<String>),
+    Count(usize),
+}
+
+#[derive(Serialize)]
+struct Reply<'a, T: Serialize> {
+    ok: bool,
+    #[serde(flatten)]
+    payload: T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+fn ok_reply(payload: OkReply<'_>) -> String {
+    serde_json::to_string(&Reply {
+        ok: true,
+        payload,
+        error: None,
+        message: None,
+    })
+    .unwrap_or_default()
+}
+
 fn error_reply(code: ErrorCode, message: &str) -> String {
-    serde_json::json!({"ok": false, "error": code.name(), "message": message}).to_string()
+    serde_json::to_string(&Reply {
+        ok: false,
+        payload: OkReply::default(),
+        error: Some(code.name()),
+        message: Some(message),
+    })
+    .unwrap_or_default()
 }
 
 fn write_error(error: SetError) -> (ErrorCode, String) {
-    let code = match &error {
-        SetError::InvalidJson(_) => ErrorCode::InvalidJson,
-        SetError::Write(WriteError::InvalidKey) => ErrorCode::InvalidKey,
-        SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
-        SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
-        SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
-    };
-    (code, error.to_string())
+    (ErrorCode::from(&error), error.to_string())
+}
+
+/// The fields of one request, each named once, values as raw JSON text.
+struct Fields(BTreeMap<String, Box<RawValue>>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = BTreeMap::new();
+                while let Some((name, value)) = map.next_entry::<String, Box<RawValue>>()? {
+                    if fields.contains_key(&name) {
+                        return Err(de::Error::custom(format!("field \"{name}\" given twice")));
+                    }
+                    fields.insert(name, value);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
 }
 
 /// Takes a string field of a request.
-fn string_field(
-    fields: &BTreeMap<String, Box<RawValue>>,
-    name: &str,
-) -> Result<Option<String>, (ErrorCode, String)> {
-    match fields.get(name) {
+fn string_field(fields: &Fields, name: &str) -> Result<Option<String>, (ErrorCode, String)> {
+    match fields.0.get(name) {
         None => Ok(None),
         Some(raw) => serde_json::from_str::<String>(raw.get())
             .map(Some)
@@ -338,6 +656,8 @@ pub enum Request {
     Status,
     Trigger(TriggerReason),
     Watch,
+    /// Read the key file again.
+    Reload,
 }
 
 /// Parses one request line. Untrusted input (any local root process can
@@ -346,23 +666,24 @@ pub enum Request {
 pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
     // Raw fields, so a value keeps its exact text (and a JSON null value
     // stays distinct from a missing one).
-    let fields: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_slice(line).map_err(|error| {
-            (
-                ErrorCode::BadRequest,
-                format!("request is not a JSON object: {error}"),
-            )
-        })?;
+    let fields: Fields = serde_json::from_slice(line).map_err(|error| {
+        (
+            ErrorCode::BadRequest,
+            format!("request is not a JSON object with distinct fields: {error}"),
+        )
+    })?;
     let op =
         string_field(&fields, "op")?.ok_or((ErrorCode::BadRequest, "missing \"op\"".to_owned()))?;
     let key = || {
         string_field(&fields, "key")?.ok_or((ErrorCode::BadRequest, "missing \"key\"".to_owned()))
     };
+    // The ops, in one table.
     Ok(match op.as_str() {
         "get" => Request::Get { key: key()? },
         "set" => Request::Set {
             key: key()?,
             value: fields
+                .0
                 .get("value")
                 .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?
                 .get()
@@ -382,24 +703,26 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
             ))?)
         }
         "watch" => Request::Watch,
+        "reload" => Request::Reload,
         other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
     })
 }
 
-fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode, String)> {
-    let ok = |extra: Option<(&str, String)>| match extra {
-        None => r#"{"ok":true}"#.to_owned(),
-        Some((name, json)) => format!("{{\"ok\":true,\"{name}\":{json}}}"),
-    };
-    Ok(Answer::Reply(match parse_request(line)? {
+fn handle_request(
+    driver: &mut Driver,
+    line: &[u8],
+    status_extra: &serde_json::Value,
+) -> Result<Answer, (ErrorCode, String)> {
+    let reply = match parse_request(line)? {
         Request::Get { key } => {
             let value = driver
                 .engine()
                 .get(&key)
                 .ok_or((ErrorCode::NotFound, format!("key not found: {key}")))?;
-            let mut json = String::new();
-            driver::push_json(&mut json, value);
-            ok(Some(("value", json)))
+            ok_reply(OkReply {
+                value: Some(StoredValue::of(value)),
+                ..OkReply::default()
+            })
         }
         Request::Set { key, value } => {
             driver.set(&key, &value).map_err(|failure| match failure {
@@ -413,24 +736,70 @@ fn handle_request(driver: &mut Driver, line: &[u8]) -> Result<Answer, (ErrorCode
                 ),
                 other => write_error(other),
             })?;
-            ok(None)
+            ok_reply(OkReply::default())
         }
         Request::Del { key } => {
             driver.delete(&key).map_err(write_error)?;
-            ok(None)
+            ok_reply(OkReply::default())
         }
-        Request::List { prefix } => ok(Some((
-            "keys",
-            Value::from(driver.list(&prefix)).to_string(),
-        ))),
-        Request::Dump => ok(Some(("data", driver.dump()))),
-        Request::Status => ok(Some(("status", driver.status().to_string()))),
+        Request::List { prefix } => ok_reply(OkReply {
+            keys: Some(KeysPayload::Names(driver.list(&prefix))),
+            ..OkReply::default()
+        }),
+        Request::Dump => ok_reply(OkReply {
+            data: RawValue::from_string(driver.dump()).ok(),
+            ..OkReply::default()
+        }),
+        Request::Status => {
+            let mut status = driver.status();
+            status.control = Some(status_extra.clone());
+            ok_reply(OkReply {
+                status: Some(status),
+                ..OkReply::default()
+            })
+        }
         Request::Trigger(reason) => {
             driver.trigger(reason);
-            ok(None)
+            ok_reply(OkReply::default())
         }
         Request::Watch => return Ok(Answer::Watch),
-    }))
+        Request::Reload => {
+            let count = driver
+                .reload_keys()
+                .map_err(|message| (ErrorCode::ReloadFailed, message))?;
+            ok_reply(OkReply {
+                keys: Some(KeysPayload::Count(count)),
+                ..OkReply::default()
+            })
+        }
+    };
+    Ok(Answer::Reply(reply))
+}
+
+/// Connects to a daemon's control socket after checking that the socket
+/// belongs to this user or to root: in a directory others can write, a
+/// socket of another user could be an impostor collecting what we send.
+pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let meta = std::fs::metadata(path)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::other(format!(
+            "{} is not a socket",
+            path.display()
+        )));
+    }
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing {}: it belongs to uid {}, not to you (uid {uid}) or root; \
+                 another user may be impersonating the daemon",
+                path.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    UnixStream::connect(path)
 }
 
 /// Trigger reasons as the CLI spells them.
@@ -446,27 +815,44 @@ pub fn parse_trigger(text: &str) -> Option<TriggerReason> {
 
 /// One `watch` line, newline included.
 pub fn change_line(change: &ChangeEvent) -> String {
-    let key = Value::from(change.key.as_str()).to_string();
-    match &change.value {
-        Some(value) => {
-            let mut json = String::new();
-            driver::push_json(&mut json, value.as_bytes());
-            format!(
-                "{{\"key\":{key},\"value\":{json},\"origin\":\"{}\"}}\n",
-                change.origin
-            )
-        }
-        None => format!(
-            "{{\"key\":{key},\"deleted\":true,\"origin\":\"{}\"}}\n",
-            change.origin
-        ),
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Line<'a> {
+        Set {
+            key: &'a str,
+            value: StoredValue<'a>,
+            origin: String,
+        },
+        Deleted {
+            key: &'a str,
+            deleted: bool,
+            origin: String,
+        },
     }
+    let origin = change.origin.to_string();
+    let line = match &change.value {
+        Some(value) => Line::Set {
+            key: &change.key,
+            value: StoredValue::of(value.as_bytes()),
+            origin,
+        },
+        None => Line::Deleted {
+            key: &change.key,
+            deleted: true,
+            origin,
+        },
+    };
+    let mut text = serde_json::to_string(&line).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver;
     use crate::engine::NodeId;
+    use serde_json::Value;
 
     #[test]
     fn change_lines_are_json_with_values_embedded() {
@@ -516,6 +902,8 @@ mod tests {
             b"{\"op\":\"get\"}",
             b"{\"op\":\"explode\"}",
             b"\xff",
+            br#"{"op":"get","key":"a","op":"del"}"#,
+            br#"{"op":"set","key":"a","value":1,"value":2}"#,
         ] {
             let (code, message) = parse_request(bad).unwrap_err();
             assert_eq!(code, ErrorCode::BadRequest, "{message}");

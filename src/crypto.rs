@@ -119,10 +119,7 @@ impl GroupKey {
 
     /// The 64 lowercase hex digits `gwsync genkey` prints and key files hold.
     pub fn to_hex(&self) -> String {
-        self.bytes
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect()
+        crate::hex::encode(&self.bytes)
     }
 
     /// The key's id in datagram headers: 1..=255, derived from the key so
@@ -169,11 +166,7 @@ impl Eq for GroupKey {}
 
 impl fmt::Debug for GroupKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fingerprint: String = self
-            .fingerprint()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fingerprint = crate::hex::encode(&self.fingerprint());
         write!(f, "GroupKey(id {}, fingerprint {fingerprint})", self.id())
     }
 }
@@ -223,19 +216,7 @@ impl FromStr for GroupKey {
 }
 
 fn parse_hex(text: &[u8]) -> Result<[u8; KEY_LEN], KeyParseError> {
-    fn digit(c: u8) -> Result<u8, KeyParseError> {
-        match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err(KeyParseError::BadCharacter),
-        }
-    }
-    let mut out = [0; KEY_LEN];
-    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
-        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Ok(out)
+    crate::hex::decode_array(text).ok_or(KeyParseError::BadCharacter)
 }
 
 /// 43 characters carry 258 bits: 256 of key and 2 that must be zero, so
@@ -280,8 +261,10 @@ pub enum KeyFileError {
     Io(io::Error),
     /// It is larger than [`KEY_FILE_BYTES_MAX`]: not a key file.
     TooLarge,
-    /// Its text is not a key.
-    Parse(KeyParseError),
+    /// Line `line` (from 1) is not a key.
+    Parse { line: usize, error: KeyParseError },
+    /// It holds no key, or more than [`KEYRING_KEYS_MAX`].
+    KeyCount(usize),
 }
 
 impl fmt::Display for KeyFileError {
@@ -289,7 +272,12 @@ impl fmt::Display for KeyFileError {
         match self {
             KeyFileError::Io(error) => write!(f, "cannot read the key file: {error}"),
             KeyFileError::TooLarge => write!(f, "the key file is over {KEY_FILE_BYTES_MAX} bytes"),
-            KeyFileError::Parse(error) => write!(f, "bad key file: {error}"),
+            KeyFileError::Parse { line, error } => write!(f, "bad key on line {line}: {error}"),
+            KeyFileError::KeyCount(count) => write!(
+                f,
+                "the key file holds {count} keys; it holds 1 or {KEYRING_KEYS_MAX} \
+                 (one per line: the key to send with, then the other key accepted)"
+            ),
         }
     }
 }
@@ -298,8 +286,8 @@ impl std::error::Error for KeyFileError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             KeyFileError::Io(error) => Some(error),
-            KeyFileError::TooLarge => None,
-            KeyFileError::Parse(error) => Some(error),
+            KeyFileError::Parse { error, .. } => Some(error),
+            KeyFileError::TooLarge | KeyFileError::KeyCount(_) => None,
         }
     }
 }
@@ -322,9 +310,36 @@ impl fmt::Display for KeyFileWarning {
     }
 }
 
-/// Reads a key file (the text [`GroupKey::from_str`] accepts). The key is
-/// still returned when the file is too open; the caller logs the warning.
-pub fn load_key_file(path: &Path) -> Result<(GroupKey, Option<KeyFileWarning>), KeyFileError> {
+/// Parses the text of a key file: one key per line (the text
+/// [`GroupKey::from_str`] accepts), 1 or [`KEYRING_KEYS_MAX`] of them; blank
+/// lines and lines starting with `#` are ignored. The first key is the one
+/// sent with; a second one is accepted too, which is what lets a group
+/// rotate keys one gateway at a time.
+pub fn parse_keys(text: &str) -> Result<Vec<GroupKey>, KeyFileError> {
+    let mut keys = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if keys.len() == KEYRING_KEYS_MAX {
+            return Err(KeyFileError::KeyCount(keys.len() + 1));
+        }
+        let key = GroupKey::from_str(line).map_err(|error| KeyFileError::Parse {
+            line: index + 1,
+            error,
+        })?;
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(KeyFileError::KeyCount(0));
+    }
+    Ok(keys)
+}
+
+/// Reads a key file (see [`parse_keys`]). The keys are still returned when
+/// the file is too open; the caller logs the warning.
+pub fn load_key_file(path: &Path) -> Result<(Vec<GroupKey>, Option<KeyFileWarning>), KeyFileError> {
     let file = std::fs::File::open(path).map_err(KeyFileError::Io)?;
     let warning = mode_warning(&file.metadata().map_err(KeyFileError::Io)?);
     let mut text = Vec::new();
@@ -335,11 +350,24 @@ pub fn load_key_file(path: &Path) -> Result<(GroupKey, Option<KeyFileWarning>), 
         text.zeroize();
         return Err(KeyFileError::TooLarge);
     }
-    let parsed = std::str::from_utf8(&text)
-        .map_err(|_| KeyParseError::BadCharacter)
-        .and_then(GroupKey::from_str);
+    let parsed = match std::str::from_utf8(&text) {
+        Ok(text) => parse_keys(text),
+        Err(_) => Err(KeyFileError::Parse {
+            line: 1,
+            error: KeyParseError::BadCharacter,
+        }),
+    };
     text.zeroize();
-    Ok((parsed.map_err(KeyFileError::Parse)?, warning))
+    Ok((parsed?, warning))
+}
+
+/// The keyring of 1 or 2 keys in key-file order: the first seals.
+pub fn keyring_of(keys: &[GroupKey]) -> Option<Keyring> {
+    match keys {
+        [] => None,
+        [primary] => Some(Keyring::new(primary)),
+        [primary, secondary, ..] => Some(Keyring::with_secondary(primary, secondary)),
+    }
 }
 
 #[cfg(unix)]
@@ -994,7 +1022,7 @@ mod tests {
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let (loaded, warning) = load_key_file(&path).unwrap();
-        assert_eq!((loaded, warning), (key.clone(), None));
+        assert_eq!((loaded, warning), (vec![key.clone()], None));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let (_, warning) = load_key_file(&path).unwrap();
@@ -1003,10 +1031,39 @@ mod tests {
             Some(KeyFileWarning::ReadableByOthers { mode: 0o644 })
         );
 
-        std::fs::write(&path, "not a key").unwrap();
+        let next = self::key(0x43);
+        std::fs::write(
+            &path,
+            format!(
+                "# current, then next\n{}\n\n{}\n",
+                key.to_hex(),
+                next.to_hex()
+            ),
+        )
+        .unwrap();
+        let (loaded, _) = load_key_file(&path).unwrap();
+        assert_eq!(loaded, vec![key.clone(), next.clone()]);
+        std::fs::write(
+            &path,
+            format!("{}\n{}\n{}\n", key.to_hex(), next.to_hex(), key.to_hex()),
+        )
+        .unwrap();
         assert!(matches!(
             load_key_file(&path),
-            Err(KeyFileError::Parse(KeyParseError::WrongLength))
+            Err(KeyFileError::KeyCount(3))
+        ));
+        std::fs::write(&path, "# nothing\n").unwrap();
+        assert!(matches!(
+            load_key_file(&path),
+            Err(KeyFileError::KeyCount(0))
+        ));
+        std::fs::write(&path, format!("{}\nnot a key", key.to_hex())).unwrap();
+        assert!(matches!(
+            load_key_file(&path),
+            Err(KeyFileError::Parse {
+                line: 2,
+                error: KeyParseError::WrongLength
+            })
         ));
         std::fs::write(&path, vec![b' '; KEY_FILE_BYTES_MAX as usize + 1]).unwrap();
         assert!(matches!(load_key_file(&path), Err(KeyFileError::TooLarge)));

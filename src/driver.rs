@@ -38,7 +38,7 @@
 //! here needs the 64-bit atomics that 32-bit MIPS lacks. Times are `u64`
 //! milliseconds whatever the width of `usize` or `time_t`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -49,12 +49,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::crypto::{GroupKey, Keyring};
-use crate::engine::{self, Engine, Event, NodeId, TriggerReason, WriteError};
+use crate::crypto::{self, CryptoError, GroupKey};
+use crate::engine::{self, DropReason, Engine, Event, NodeId, TriggerReason, WriteError};
 use crate::net::{self, GroupSocket, LinkWatch, Received};
 use crate::persist::{self, Debounce, Loaded, StateDir};
+use crate::wire::DecodeError;
 
 /// Receive buffer: the largest UDP payload, so nothing a peer can send is
 /// cut silently (longer datagrams do not exist; shorter ones are counted
@@ -68,6 +71,19 @@ const CHANGES_QUEUED_MAX: usize = 65_536;
 /// Retry period for interfaces that are missing or failed to join, and for
 /// a socket that failed to open.
 const RETRY_INTERVAL_MS: u64 = 3_000;
+/// Changes `status` lists in `recent_changes`, newest first.
+pub const RECENT_CHANGES_MAX: usize = 16;
+/// A sender heard with another key counts in `status` for this long after
+/// its last such datagram.
+pub const OTHER_KEY_RECENT_MS: u64 = 10 * 60 * 1000;
+/// Addresses remembered as sending with another key; the least recently
+/// heard is forgotten first (counted in `other_key_senders_forgotten`).
+pub const OTHER_KEY_SENDERS_MAX: usize = 32;
+/// At most one "another key" warning per this interval while it goes on.
+pub const OTHER_KEY_WARN_INTERVAL_MS: u64 = 60 * 1000;
+/// At most one "cannot save state" error line per this interval while
+/// saves keep failing (each failure is still counted).
+pub const PERSIST_ERROR_LOG_INTERVAL_MS: u64 = 60 * 1000;
 
 /// How to run a driver. Every field has a default.
 #[derive(Clone, Debug)]
@@ -78,8 +94,15 @@ pub struct DriverConfig {
     pub port: u16,
     /// Where the node id and state live; `None`: memory only.
     pub state_dir: Option<PathBuf>,
-    /// The group key (32 bytes): every datagram is sealed and checked with it.
-    pub key: Option<[u8; 32]>,
+    /// The group keys, 1 or 2: the first seals every datagram sent, both
+    /// open datagrams received (a rotation in progress). Empty only when
+    /// `open` is set.
+    pub keys: Vec<GroupKey>,
+    /// Where `keys` came from, read again by [`Driver::reload_keys`].
+    pub key_file: Option<PathBuf>,
+    /// Run without keys: every host on the LAN can read and change every
+    /// value. Must be asked for; without keys and without it `open` fails.
+    pub open: bool,
     /// Overrides the persisted node id.
     pub node_id: Option<NodeId>,
     pub engine: engine::Config,
@@ -94,7 +117,9 @@ impl Default for DriverConfig {
             group: IpAddr::V4(net::GROUP_V4_DEFAULT),
             port: net::PORT_DEFAULT,
             state_dir: None,
-            key: None,
+            keys: Vec::new(),
+            key_file: None,
+            open: false,
             node_id: None,
             engine: engine::Config::default(),
             persist_interval_ms: 2_000,
@@ -105,6 +130,8 @@ impl Default for DriverConfig {
 /// Why [`Driver::open`] failed.
 #[derive(Debug)]
 pub enum OpenError {
+    /// No key and open mode not asked for.
+    NoKey,
     /// The state directory could not be created or written.
     State(persist::PersistError),
     /// The epoll fd could not be created.
@@ -114,6 +141,10 @@ pub enum OpenError {
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            OpenError::NoKey => f.write_str(
+                "no group key and open mode not asked for: give a key, or set open mode \
+                 knowing that every host on the LAN can then read and change every value",
+            ),
             OpenError::State(error) => error.fmt(f),
             OpenError::Poll(error) => write!(f, "epoll: {error}"),
         }
@@ -129,6 +160,10 @@ pub enum SetError {
     InvalidJson(String),
     /// The engine refused it (key, size, store limits, unknown key).
     Write(WriteError),
+    /// The write was applied and sent to the group, but the state
+    /// directory cannot be written (the text says why): it is lost at a
+    /// restart unless saving recovers first.
+    NotPersisted(String),
 }
 
 impl fmt::Display for SetError {
@@ -136,6 +171,10 @@ impl fmt::Display for SetError {
         match self {
             SetError::InvalidJson(message) => write!(f, "value is not valid JSON: {message}"),
             SetError::Write(error) => error.fmt(f),
+            SetError::NotPersisted(error) => write!(
+                f,
+                "applied and sent to the other gateways, but NOT saved: {error}"
+            ),
         }
     }
 }
@@ -155,7 +194,7 @@ pub struct ChangeEvent {
 pub type ChangeCallback = Box<dyn FnMut(&ChangeEvent) + Send>;
 
 /// I/O counters, next to the engine's own.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DriverCounters {
     pub recv_errors: u64,
     pub recv_truncated: u64,
@@ -168,6 +207,47 @@ pub struct DriverCounters {
     pub state_writes: u64,
     pub state_write_errors: u64,
     pub changes_dropped: u64,
+    pub other_key_datagrams: u64,
+    pub other_key_senders_forgotten: u64,
+    pub key_reloads: u64,
+    pub key_reload_errors: u64,
+}
+
+/// One change as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RecentChange {
+    key: String,
+    origin: NodeId,
+    at_ms: u64,
+    deleted: bool,
+}
+
+/// Datagrams from one address that no key of ours opens.
+#[derive(Clone, Copy, Debug, Default)]
+struct OtherKeySender {
+    /// Reset once it has been quiet for the recent window.
+    datagrams: u64,
+    last_ms: u64,
+}
+
+/// Whether a drop means the sender uses a key we do not have (or none
+/// while we have one, or one while we have none).
+fn is_other_key(reason: DropReason) -> bool {
+    matches!(
+        reason,
+        DropReason::Crypto(
+            CryptoError::UnknownKeyId | CryptoError::BadTag | CryptoError::NotEncrypted
+        ) | DropReason::Decode(DecodeError::BadKey | DecodeError::Unencrypted)
+    )
+}
+
+fn other_key_drops(counters: &engine::Counters) -> u64 {
+    counters
+        .dropped
+        .iter()
+        .filter(|(reason, _)| is_other_key(**reason))
+        .map(|(_, count)| count)
+        .sum()
 }
 
 #[derive(Debug)]
@@ -202,6 +282,12 @@ pub struct Driver {
     on_change: Option<ChangeCallback>,
     counters: DriverCounters,
     recv_buffer: Vec<u8>,
+    recent_changes: VecDeque<RecentChange>,
+    other_key: BTreeMap<IpAddr, OtherKeySender>,
+    other_key_warned_at: Option<u64>,
+    /// Why the last save failed; `None` while saving works.
+    persist_error: Option<String>,
+    persist_error_logged_at: Option<u64>,
 }
 
 impl fmt::Debug for Driver {
@@ -222,6 +308,9 @@ impl Driver {
     /// Missing interfaces and a socket that cannot open yet are not errors:
     /// they are retried. Only an unusable state directory is.
     pub fn open(config: DriverConfig) -> Result<Driver, OpenError> {
+        if config.keys.is_empty() && !config.open {
+            return Err(OpenError::NoKey);
+        }
         let mut rng = StdRng::from_os_rng();
         let state = match &config.state_dir {
             Some(dir) => Some(StateDir::open(dir).map_err(OpenError::State)?),
@@ -264,12 +353,15 @@ impl Driver {
                 ),
             }
         }
-        match config.key {
-            Some(key) => {
-                let keyring = Keyring::new(&GroupKey::from_bytes(key));
+        match crypto::keyring_of(&config.keys) {
+            Some(keyring) => {
+                log::info!("group keys: {}", describe_keys(&config.keys));
                 engine.set_keyring(Some(keyring), StdRng::from_os_rng());
             }
-            None => log::warn!("no group key: datagrams are neither authenticated nor encrypted"),
+            None => log::warn!(
+                "open mode: datagrams are neither authenticated nor encrypted; every host \
+                 on the LAN can read and change every value"
+            ),
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|errno| OpenError::Poll(errno.into()))?;
@@ -326,6 +418,11 @@ impl Driver {
             on_change: None,
             counters: DriverCounters::default(),
             recv_buffer: vec![0; RECV_BUFFER_BYTES],
+            recent_changes: VecDeque::new(),
+            other_key: BTreeMap::new(),
+            other_key_warned_at: None,
+            persist_error: None,
+            persist_error_logged_at: None,
         };
         log::info!(
             "node {} on group {} port {}",
@@ -404,21 +501,28 @@ impl Driver {
     fn receive(&mut self) {
         let Some(socket) = &self.socket else { return };
         let mut taken = 0;
+        let mut other_key_heard = Vec::new();
         while taken < DATAGRAMS_PER_PROCESS_MAX {
-            match socket.recv(&mut self.recv_buffer) {
-                Ok(Received::Datagram(len)) => {
+            match socket.recv_from(&mut self.recv_buffer) {
+                Ok((Received::Datagram(len), from)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    let before = other_key_drops(self.engine.counters());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);
+                    if other_key_drops(self.engine.counters()) != before {
+                        if let Some(from) = from {
+                            other_key_heard.push((now, from));
+                        }
+                    }
                 }
-                Ok(Received::Truncated(len)) => {
+                Ok((Received::Truncated(len), _)) => {
                     taken += 1;
                     self.counters.recv_truncated += 1;
                     if worth_logging(self.counters.recv_truncated) {
                         log::warn!("dropped a {len}-byte datagram: larger than the receive buffer");
                     }
                 }
-                Ok(Received::Empty) => break,
+                Ok((Received::Empty, _)) => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {
                     self.counters.recv_interrupted += 1;
                 }
@@ -434,8 +538,119 @@ impl Driver {
                 }
             }
         }
+        for (now, from) in other_key_heard {
+            self.heard_other_key(now, from);
+        }
         // Applying datagrams may have produced answers and events.
         self.drain_events();
+        self.warn_other_key();
+    }
+
+    fn heard_other_key(&mut self, now: u64, from: IpAddr) {
+        self.counters.other_key_datagrams += 1;
+        if !self.other_key.contains_key(&from) && self.other_key.len() >= OTHER_KEY_SENDERS_MAX {
+            if let Some(oldest) = self
+                .other_key
+                .iter()
+                .min_by_key(|(_, sender)| sender.last_ms)
+                .map(|(address, _)| *address)
+            {
+                self.other_key.remove(&oldest);
+                self.counters.other_key_senders_forgotten += 1;
+            }
+        }
+        let sender = self.other_key.entry(from).or_default();
+        if sender.datagrams == 0 || now.saturating_sub(sender.last_ms) > OTHER_KEY_RECENT_MS {
+            *sender = OtherKeySender {
+                datagrams: 0,
+                last_ms: now,
+            };
+        }
+        sender.datagrams += 1;
+        sender.last_ms = now;
+    }
+
+    /// Senders heard with another key within [`OTHER_KEY_RECENT_MS`].
+    fn other_key_recent(&self, now: u64) -> impl Iterator<Item = (&IpAddr, &OtherKeySender)> {
+        self.other_key
+            .iter()
+            .filter(move |(_, sender)| now.saturating_sub(sender.last_ms) <= OTHER_KEY_RECENT_MS)
+    }
+
+    /// The loud half of "wrong key": a warning naming the count and the
+    /// addresses, at most once per [`OTHER_KEY_WARN_INTERVAL_MS`].
+    fn warn_other_key(&mut self) {
+        let now = self.now();
+        let due = self
+            .other_key_warned_at
+            .is_none_or(|at| now.saturating_sub(at) >= OTHER_KEY_WARN_INTERVAL_MS);
+        if !due {
+            return;
+        }
+        let since = self.other_key_warned_at.unwrap_or(0);
+        let fresh: Vec<(IpAddr, u64)> = self
+            .other_key_recent(now)
+            .filter(|(_, sender)| sender.last_ms >= since)
+            .map(|(address, sender)| (*address, sender.datagrams))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        self.other_key_warned_at = Some(now);
+        let datagrams: u64 = fresh.iter().map(|(_, count)| count).sum();
+        let addresses: Vec<String> = fresh
+            .iter()
+            .map(|(address, _)| address.to_string())
+            .collect();
+        log::warn!(
+            "hearing {} gateway(s) with another key: {datagrams} datagram(s) that no key of ours \
+             opens, from {}; they are NOT in sync with us. Give every gateway the same key file \
+             (ours: {})",
+            fresh.len(),
+            addresses.join(", "),
+            if self.engine.is_keyed() {
+                "keyed"
+            } else {
+                "open mode"
+            },
+        );
+    }
+
+    /// Reads the key file again and uses its keys from now on (SIGHUP,
+    /// `gwsync reload`). The state, the peers and the socket stay. On any
+    /// error the keys in use stay too. Returns how many keys are in use.
+    pub fn reload_keys(&mut self) -> Result<usize, String> {
+        let Some(path) = self.config.key_file.clone() else {
+            return Err(if self.config.open {
+                "open mode: there is no key file to reload".to_owned()
+            } else {
+                "the keys were not given in a key file: nothing to reload".to_owned()
+            });
+        };
+        let keys = match crate::config::load_key_file(&path) {
+            Ok(keys) => keys,
+            Err(error) => {
+                self.counters.key_reload_errors += 1;
+                log::error!("reload: {error}; keeping the keys in use");
+                return Err(format!("{error}; keeping the keys in use"));
+            }
+        };
+        self.counters.key_reloads += 1;
+        log::info!(
+            "reload: group keys from {}: {}",
+            path.display(),
+            describe_keys(&keys)
+        );
+        self.engine
+            .set_keyring(crypto::keyring_of(&keys), StdRng::from_os_rng());
+        let count = keys.len();
+        self.config.keys = keys;
+        // Anything sealed with the old key while a peer had only the new
+        // one is repaired by the next exchange; start it now.
+        let now = self.now();
+        self.engine.trigger(now, TriggerReason::Manual);
+        self.flush_transmits();
+        Ok(count)
     }
 
     /// Sends what the engine queued, then handles its events.
@@ -482,6 +697,15 @@ impl Driver {
                 Event::Changed { key, value, origin } => {
                     let value = value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
                     let change = ChangeEvent { key, value, origin };
+                    if self.recent_changes.len() == RECENT_CHANGES_MAX {
+                        self.recent_changes.pop_back();
+                    }
+                    self.recent_changes.push_front(RecentChange {
+                        key: change.key.clone(),
+                        origin,
+                        at_ms: self.start.elapsed().as_millis() as u64,
+                        deleted: change.value.is_none(),
+                    });
                     log::debug!("changed {} (origin {})", change.key, change.origin);
                     if let Some(callback) = &mut self.on_change {
                         callback(&change);
@@ -661,21 +885,73 @@ impl Driver {
             Ok(()) => {
                 self.counters.state_writes += 1;
                 self.debounce.written(now, generation);
+                if let Some(error) = self.persist_error.take() {
+                    log::warn!(
+                        "state saved again in {} (it had failed: {error}); nothing is unsaved",
+                        state.path().display()
+                    );
+                }
             }
             Err(error) => {
                 self.counters.state_write_errors += 1;
                 // Try again after one interval, not in a tight loop.
-                self.debounce.written(now, generation.wrapping_sub(1));
-                if worth_logging(self.counters.state_write_errors) {
-                    log::error!("could not save state: {error}");
+                self.debounce.failed(now);
+                let due = self
+                    .persist_error_logged_at
+                    .is_none_or(|at| now.saturating_sub(at) >= PERSIST_ERROR_LOG_INTERVAL_MS);
+                if self.persist_error.is_none() || due {
+                    self.persist_error_logged_at = Some(now);
+                    log::error!(
+                        "could not save state ({} failures so far): {error}; {} change(s) are \
+                         only in memory and are lost at a restart until saving works again",
+                        self.counters.state_write_errors,
+                        self.unsaved_changes()
+                    );
                 }
+                self.persist_error = Some(error.to_string());
             }
         }
     }
 
-    /// Writes pending state now, whatever the debounce says (SIGTERM, close).
-    pub fn flush(&mut self) {
+    /// Changes made since the state was last saved (0 without a state dir).
+    pub fn unsaved_changes(&self) -> u64 {
+        if self.state.is_none() {
+            return 0;
+        }
+        self.engine
+            .state_generation()
+            .wrapping_sub(self.debounce.written_generation())
+    }
+
+    /// Why the last save failed, while saving fails.
+    pub fn persist_error(&self) -> Option<&str> {
+        self.persist_error.as_deref()
+    }
+
+    /// Writes pending state now, whatever the debounce says (SIGTERM,
+    /// close). Err: the save failed, and the text says what is lost.
+    pub fn flush(&mut self) -> Result<(), String> {
         self.maybe_persist(true);
+        match (&self.persist_error, self.unsaved_changes()) {
+            (Some(error), unsaved) if unsaved > 0 => Err(format!(
+                "could not save state: {error}; {unsaved} change(s) since the last save are lost"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Errs with [`SetError::NotPersisted`] while saving fails, after a
+    /// write that was applied all the same.
+    fn persisted(&mut self) -> Result<(), SetError> {
+        if self.persist_error.is_some() {
+            // A save may be due again (the space was freed): try now so the
+            // answer is current.
+            self.maybe_persist(false);
+        }
+        match &self.persist_error {
+            Some(error) => Err(SetError::NotPersisted(error.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Writes a JSON value. The text is validated and stored compact.
@@ -686,7 +962,7 @@ impl Driver {
             .set(now, Self::wall_ms(), key, compact.as_bytes())
             .map_err(SetError::Write)?;
         self.drain_events();
-        Ok(())
+        self.persisted()
     }
 
     /// Deletes a key; [`WriteError::NotFound`] when it holds no value.
@@ -696,7 +972,7 @@ impl Driver {
             .delete(now, Self::wall_ms(), key)
             .map_err(SetError::Write)?;
         self.drain_events();
-        Ok(())
+        self.persisted()
     }
 
     /// The value of a key as JSON text.
@@ -722,24 +998,13 @@ impl Driver {
     /// Every live entry as one JSON object text, keys sorted. Values that
     /// are not JSON (possible only from a misbehaving peer) become strings.
     pub fn dump(&self) -> String {
-        let mut entries: Vec<(&str, &[u8])> = self
+        let entries: BTreeMap<&str, StoredValue<'_>> = self
             .engine
             .store()
             .iter()
-            .filter_map(|(key, entry)| entry.value.map(|value| (key, value)))
+            .filter_map(|(key, entry)| entry.value.map(|value| (key, StoredValue::of(value))))
             .collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut out = String::from("{");
-        for (index, (key, value)) in entries.into_iter().enumerate() {
-            if index > 0 {
-                out.push(',');
-            }
-            out.push_str(&Value::from(key).to_string());
-            out.push(':');
-            push_json(&mut out, value);
-        }
-        out.push('}');
-        out
+        serde_json::to_string(&entries).unwrap_or_default()
     }
 
     /// Starts a sync request (method step 5).
@@ -780,87 +1045,239 @@ impl Driver {
         &self.config
     }
 
-    /// Everything `gwsync status` shows, as JSON.
-    pub fn status(&self) -> Value {
+    /// Everything `gwsync status` shows (the contract's status object).
+    pub fn status(&self) -> Status {
         let now = self.now();
         let engine_counters = self.engine.counters();
-        let dropped: serde_json::Map<String, Value> = engine_counters
-            .dropped
-            .iter()
-            .map(|(reason, count)| (reason.name().to_owned(), json!(count)))
-            .collect();
-        let peers: Vec<Value> = self
-            .engine
-            .peers()
-            .iter()
-            .map(|(id, peer)| {
-                json!({
-                    "node_id": id.to_string(),
-                    "last_heard_ms_ago": now.saturating_sub(peer.last_heard),
-                })
-            })
-            .collect();
-        let interfaces: Vec<Value> = self
-            .interfaces
-            .iter()
-            .map(|interface| {
-                json!({
-                    "name": interface.name.as_deref().unwrap_or("*"),
-                    "index": interface.index,
-                    "up": interface.up,
-                    "joined": interface.joined,
-                })
-            })
-            .collect();
         let store = self.engine.store();
+        let our_digest = store.digest();
         let c = &self.counters;
-        let counters = json!({
-                "datagrams_sent": engine_counters.datagrams_sent,
-            "bytes_sent": engine_counters.bytes_sent,
-            "datagrams_received": engine_counters.datagrams_received,
-            "bytes_received": engine_counters.bytes_received,
-            "summaries_sent": engine_counters.summaries_sent,
-            "pushes_sent": engine_counters.pushes_sent,
-            "repairs_sent": engine_counters.repairs_sent,
-            "fragments_sent": engine_counters.fragments_sent,
-            "bucket_digests_sent": engine_counters.bucket_digests_sent,
-            "entries_applied": engine_counters.entries_applied,
-            "entries_stale": engine_counters.entries_stale,
-            "socket_rebuilds": engine_counters.socket_rebuilds,
-            "node_id_clashes": engine_counters.node_id_clashes,
-            "dropped": dropped,
-            "recv_errors": c.recv_errors,
-            "recv_truncated": c.recv_truncated,
-            "recv_interrupted": c.recv_interrupted,
-            "send_errors": c.send_errors,
-            "send_no_buffers": c.send_no_buffers,
-            "socket_opens": c.socket_opens,
-            "socket_open_errors": c.socket_open_errors,
-            "join_errors": c.join_errors,
-            "state_writes": c.state_writes,
-            "state_write_errors": c.state_write_errors,
-            "changes_dropped": c.changes_dropped,
-        });
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "node_id": self.engine.node_id().to_string(),
-            "boot_id": format!("{:08x}", self.engine.boot_id()),
-            "group": self.config.group.to_string(),
-            "port": self.config.port,
-            "uptime_ms": now,
-            "interfaces": interfaces,
-            "socket_open": self.socket.is_some(),
-            "keyed": self.engine.is_keyed(),
-            "peers": peers,
-            "digest": format!("{:016x}", store.digest()),
-            "entries": store.len(),
-            "live_entries": store.iter().filter(|(_, entry)| !entry.is_tombstone()).count(),
-            "store_bytes": store.bytes(),
-            "clock": self.engine.clock_high_water().0,
-            "state_dir": self.state.as_ref().map(|state| state.path().display().to_string()),
-            "counters": counters,
-        })
+        let other_key: Vec<(&IpAddr, &OtherKeySender)> = self.other_key_recent(now).collect();
+        let change = |change: &RecentChange| ChangeStatus {
+            key: change.key.clone(),
+            origin: change.origin.to_string(),
+            ms_ago: now.saturating_sub(change.at_ms),
+            deleted: change.deleted,
+        };
+        let limits = &self.engine.config().store;
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            node_id: self.engine.node_id().to_string(),
+            boot_id: format!("{:08x}", self.engine.boot_id()),
+            group: self.config.group.to_string(),
+            port: self.config.port,
+            uptime_ms: now,
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|interface| InterfaceStatus {
+                    name: interface.name.clone().unwrap_or_else(|| "*".to_owned()),
+                    index: interface.index,
+                    up: interface.up,
+                    joined: interface.joined,
+                })
+                .collect(),
+            socket_open: self.socket.is_some(),
+            keyed: self.engine.is_keyed(),
+            key_state: if self.engine.is_keyed() {
+                "keyed"
+            } else {
+                "open"
+            },
+            keys: self
+                .config
+                .keys
+                .iter()
+                .map(|key| KeyStatus {
+                    id: key.id(),
+                    fingerprint: crate::hex::encode(&key.fingerprint()),
+                })
+                .collect(),
+            other_key: OtherKeyStatus {
+                senders: other_key.len(),
+                datagrams: other_key.iter().map(|(_, sender)| sender.datagrams).sum(),
+                addresses: other_key
+                    .iter()
+                    .map(|(address, _)| address.to_string())
+                    .collect(),
+            },
+            peers: self
+                .engine
+                .peers()
+                .iter()
+                .map(|(id, peer)| PeerStatus {
+                    node_id: id.to_string(),
+                    last_heard_ms_ago: now.saturating_sub(peer.last_heard),
+                    in_sync: peer.last_digest == Some(our_digest),
+                    digest: peer.last_digest.map(|digest| format!("{digest:016x}")),
+                })
+                .collect(),
+            digest: format!("{our_digest:016x}"),
+            entries: store.len(),
+            live_entries: store
+                .iter()
+                .filter(|(_, entry)| !entry.is_tombstone())
+                .count(),
+            store_bytes: store.bytes(),
+            limits: LimitsStatus {
+                max_entries: limits.entries_max,
+                max_store_bytes: limits.store_bytes_max,
+                tombstone_lifetime_s: limits.tombstone_ttl_ms / 1000,
+            },
+            clock: self.engine.clock_high_water().0,
+            state_dir: self
+                .state
+                .as_ref()
+                .map(|state| state.path().display().to_string()),
+            persist: PersistStatus {
+                ok: self.persist_error.is_none(),
+                error: self.persist_error.clone(),
+                unsaved_changes: self.unsaved_changes(),
+            },
+            last_change: self.recent_changes.front().map(change),
+            recent_changes: self.recent_changes.iter().map(change).collect(),
+            counters: CountersStatus {
+                datagrams_sent: engine_counters.datagrams_sent,
+                bytes_sent: engine_counters.bytes_sent,
+                datagrams_received: engine_counters.datagrams_received,
+                bytes_received: engine_counters.bytes_received,
+                summaries_sent: engine_counters.summaries_sent,
+                pushes_sent: engine_counters.pushes_sent,
+                repairs_sent: engine_counters.repairs_sent,
+                fragments_sent: engine_counters.fragments_sent,
+                bucket_digests_sent: engine_counters.bucket_digests_sent,
+                entries_applied: engine_counters.entries_applied,
+                entries_stale: engine_counters.entries_stale,
+                socket_rebuilds: engine_counters.socket_rebuilds,
+                node_id_clashes: engine_counters.node_id_clashes,
+                // Two reasons may share a name ("truncated"): summed.
+                dropped: engine_counters.dropped.iter().fold(
+                    BTreeMap::new(),
+                    |mut dropped, (reason, count)| {
+                        *dropped.entry(reason.name()).or_default() += count;
+                        dropped
+                    },
+                ),
+                driver: c.clone(),
+            },
+            control: None,
+        }
     }
+}
+
+/// The status object (`gwsync status --json`, `gwsync_status`, ubus
+/// `status`): its shape is defined here once.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub node_id: String,
+    pub boot_id: String,
+    pub group: String,
+    pub port: u16,
+    pub uptime_ms: u64,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub socket_open: bool,
+    pub keyed: bool,
+    /// "keyed" or "open".
+    pub key_state: &'static str,
+    /// The keys in use, the sending one first, named by id and fingerprint.
+    pub keys: Vec<KeyStatus>,
+    pub other_key: OtherKeyStatus,
+    pub peers: Vec<PeerStatus>,
+    pub digest: String,
+    pub entries: usize,
+    pub live_entries: usize,
+    pub store_bytes: usize,
+    pub limits: LimitsStatus,
+    pub clock: u64,
+    pub state_dir: Option<String>,
+    pub persist: PersistStatus,
+    pub last_change: Option<ChangeStatus>,
+    pub recent_changes: Vec<ChangeStatus>,
+    pub counters: CountersStatus,
+    /// The control socket's counters, added by the daemon.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<Value>,
+}
+
+impl Status {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub index: Option<u32>,
+    pub up: bool,
+    pub joined: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyStatus {
+    pub id: u8,
+    pub fingerprint: String,
+}
+
+/// Datagrams heard within [`OTHER_KEY_RECENT_MS`] that no key of ours opens.
+#[derive(Debug, Serialize)]
+pub struct OtherKeyStatus {
+    pub senders: usize,
+    pub datagrams: u64,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    pub node_id: String,
+    pub last_heard_ms_ago: u64,
+    /// Its last announced summary digest equals ours.
+    pub in_sync: bool,
+    /// Its last announced summary digest; null until one was heard.
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LimitsStatus {
+    pub max_entries: usize,
+    pub max_store_bytes: usize,
+    pub tombstone_lifetime_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PersistStatus {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub unsaved_changes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChangeStatus {
+    pub key: String,
+    pub origin: String,
+    pub ms_ago: u64,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CountersStatus {
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    pub datagrams_received: u64,
+    pub bytes_received: u64,
+    pub summaries_sent: u64,
+    pub pushes_sent: u64,
+    pub repairs_sent: u64,
+    pub fragments_sent: u64,
+    pub bucket_digests_sent: u64,
+    pub entries_applied: u64,
+    pub entries_stale: u64,
+    pub socket_rebuilds: u64,
+    pub node_id_clashes: u64,
+    pub dropped: BTreeMap<&'static str, u64>,
+    #[serde(flatten)]
+    pub driver: DriverCounters,
 }
 
 impl AsFd for Driver {
@@ -872,17 +1289,45 @@ impl AsFd for Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        self.flush();
+        if let Err(error) = self.flush() {
+            log::error!("closing: {error}");
+        }
     }
 }
 
-/// Appends a stored value as JSON: as it is when it is JSON, else as a
-/// JSON string of its (lossy) text.
-pub fn push_json(out: &mut String, value: &[u8]) {
-    if persist::is_json(value) {
-        out.push_str(&String::from_utf8_lossy(value));
-    } else {
-        out.push_str(&Value::from(String::from_utf8_lossy(value)).to_string());
+/// "id 17 (fingerprint 0011..) sends, id 4 (..) accepted": names keys in
+/// logs without showing them.
+fn describe_keys(keys: &[GroupKey]) -> String {
+    keys.iter()
+        .enumerate()
+        .map(|(index, key)| {
+            format!(
+                "id {} fingerprint {} {}",
+                key.id(),
+                crate::hex::encode(&key.fingerprint()),
+                if index == 0 { "(sends)" } else { "(accepted)" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A stored value as it goes out in JSON: embedded as it is when it is
+/// JSON (member order and number spelling kept), else as a JSON string of
+/// its (lossy) text.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum StoredValue<'a> {
+    Json(&'a RawValue),
+    Text(String),
+}
+
+impl<'a> StoredValue<'a> {
+    pub fn of(bytes: &'a [u8]) -> StoredValue<'a> {
+        match serde_json::from_slice::<&RawValue>(bytes) {
+            Ok(raw) => StoredValue::Json(raw),
+            Err(_) => StoredValue::Text(String::from_utf8_lossy(bytes).into_owned()),
+        }
     }
 }
 

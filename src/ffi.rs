@@ -23,21 +23,19 @@
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::net::IpAddr;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use serde::Deserialize;
 
-use crate::crypto;
+use crate::config::{Config, ConfigError, ConfigErrorKind};
+use crate::control::ErrorCode;
 use crate::driver::{ChangeEvent, Driver, DriverConfig, SetError};
-use crate::engine::{NodeId, TriggerReason, WriteError};
+use crate::engine::TriggerReason;
 
 /// Success.
 pub const GWSYNC_OK: c_int = 0;
@@ -67,6 +65,11 @@ pub const GWSYNC_ERR_STATE: c_int = -7;
 /// When it struck while the handle was in use, every later call on that
 /// handle returns this code too; `gwsync_close` still frees it.
 pub const GWSYNC_ERR_PANIC: c_int = -8;
+/// The write was applied and sent to the other gateways, but the state
+/// directory cannot be written (full or read-only flash): it is lost at a
+/// restart unless saving recovers first. `gwsync_last_error` says why;
+/// `gwsync_status` shows `"persist": {"ok": false, ...}` meanwhile.
+pub const GWSYNC_ERR_NOT_PERSISTED: c_int = -9;
 
 /// `gwsync_trigger` reason: the devices this gateway manages powered on.
 pub const GWSYNC_TRIGGER_POWER_ON: c_int = 1;
@@ -536,92 +539,41 @@ impl Core {
     }
 }
 
-/// The configuration JSON of `gwsync_open`; the keys mirror the daemon's
-/// flags.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct OpenConfig {
-    interfaces: Option<Vec<String>>,
-    group: Option<String>,
-    port: Option<u16>,
-    state_dir: Option<String>,
-    key_file: Option<String>,
-    node_id: Option<String>,
-    log_level: Option<String>,
+fn driver_config(json: &str) -> Result<(DriverConfig, log::LevelFilter), Error> {
+    let config_error = |failure: ConfigError| {
+        let code = match failure.kind {
+            ConfigErrorKind::Invalid => GWSYNC_ERR_INVALID,
+            ConfigErrorKind::Io => GWSYNC_ERR_IO,
+        };
+        error(code, failure.message)
+    };
+    let config = Config::from_json(json).map_err(config_error)?;
+    // The level first, so a warning about the key file is shown.
+    crate::logging::log_to_stderr(config.log_level);
+    let driver = config.driver_config().map_err(|failure| {
+        let message = failure.message.clone();
+        let failure = config_error(failure);
+        error(failure.code, format!("config: {message}"))
+    })?;
+    Ok((driver, config.log_level))
 }
 
-fn driver_config(json: &str) -> Result<(DriverConfig, log::LevelFilter), Error> {
-    let open: OpenConfig = serde_json::from_str(json)
-        .map_err(|e| error(GWSYNC_ERR_INVALID, format!("config: {e}")))?;
-    let invalid = |message: String| error(GWSYNC_ERR_INVALID, format!("config: {message}"));
-    let mut config = DriverConfig::default();
-    if let Some(interfaces) = open.interfaces {
-        if let Some(bad) = interfaces
-            .iter()
-            .find(|name| name.is_empty() || name.contains('/'))
-        {
-            return Err(invalid(format!(
-                "interfaces: not an interface name: {bad:?}"
-            )));
-        }
-        config.interfaces = interfaces;
+/// The C code of a protocol error code: the one mapping of write errors
+/// (see `control::ErrorCode`), seen from C.
+fn c_code(code: ErrorCode) -> c_int {
+    match code {
+        ErrorCode::NotFound => GWSYNC_ERR_NOT_FOUND,
+        ErrorCode::InvalidJson | ErrorCode::BadRequest => GWSYNC_ERR_INVALID,
+        // Empty keys are refused before the engine sees them.
+        ErrorCode::InvalidKey | ErrorCode::TooLarge => GWSYNC_ERR_TOO_LARGE,
+        ErrorCode::StoreFull => GWSYNC_ERR_FULL,
+        ErrorCode::NotPersisted => GWSYNC_ERR_NOT_PERSISTED,
+        ErrorCode::ReloadFailed => GWSYNC_ERR_IO,
     }
-    if let Some(group) = open.group {
-        let address: IpAddr = group
-            .parse()
-            .map_err(|_| invalid(format!("group: not an IP address: {group}")))?;
-        if !address.is_multicast() {
-            return Err(invalid(format!("group: not a multicast address: {group}")));
-        }
-        config.group = address;
-    }
-    if let Some(port) = open.port {
-        if port == 0 {
-            return Err(invalid("port: 0 is not a port".into()));
-        }
-        config.port = port;
-    }
-    config.state_dir = open.state_dir.map(PathBuf::from);
-    if let Some(path) = open.key_file {
-        let (key, warning) = crypto::load_key_file(Path::new(&path)).map_err(|e| {
-            let code = match e {
-                crypto::KeyFileError::Io(_) => GWSYNC_ERR_IO,
-                _ => GWSYNC_ERR_INVALID,
-            };
-            error(code, format!("config: key_file {path}: {e}"))
-        })?;
-        if let Some(warning) = warning {
-            log::warn!("key file {path}: {warning}");
-        }
-        config.key = Some(*key.as_bytes());
-    }
-    if let Some(id) = open.node_id {
-        let parsed = (id.len() <= 16)
-            .then(|| id.parse::<NodeId>().ok())
-            .flatten()
-            .ok_or_else(|| invalid(format!("node_id: expected 1 to 16 hex digits: {id}")))?;
-        config.node_id = Some(parsed);
-    }
-    let level = match open.log_level {
-        Some(level) => level
-            .parse()
-            .map_err(|_| invalid(format!("log_level: unknown level: {level}")))?,
-        None => log::LevelFilter::Warn,
-    };
-    Ok((config, level))
 }
 
 fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
-    result.map_err(|e| {
-        let code = match &e {
-            SetError::InvalidJson(_) => GWSYNC_ERR_INVALID,
-            SetError::Write(WriteError::InvalidKey) => GWSYNC_ERR_TOO_LARGE,
-            SetError::Write(WriteError::ValueTooLarge) => GWSYNC_ERR_TOO_LARGE,
-            SetError::Write(WriteError::StoreFull) => GWSYNC_ERR_FULL,
-            SetError::Write(WriteError::NotFound) => GWSYNC_ERR_NOT_FOUND,
-        };
-        error(code, e.to_string())
-    })
+    result.map_err(|failure| error(c_code(ErrorCode::from(&failure)), failure.to_string()))
 }
 
 fn non_empty_key(key: &str) -> Result<&str, Error> {
@@ -642,18 +594,28 @@ fn non_empty_key(key: &str) -> Result<&str, Error> {
 /// - "port": UDP port; default 7373;
 /// - "state_dir": where the node id and data persist (debounced atomic
 ///   writes); default: none, everything is kept in memory only;
-/// - "key_file": file with the 64-hex-digit group key (`gwsync genkey`);
-///   default: no key;
+/// - "key_file": file with the group key (`gwsync genkey`), or two keys one
+///   per line during a rotation: the first is sent with, both are accepted;
+/// - "keys": the same, inline: ["<64 hex digits>", ...] (1 or 2 keys);
+/// - "open": true runs without a key: every host on the LAN can then read
+///   and change every value. Exactly one of "key_file", "keys" and
+///   "open": true must be given: a handle without a key is refused;
 /// - "node_id": up to 16 hex digits; default: the persisted one, or random;
 /// - "log_level": "off", "error", "warn", "info", "debug" or "trace";
-///   default "warn". Logs go to stderr; the level is process-wide.
+///   default "warn". Logs go to stderr; the level is process-wide;
+/// - "max_entries": entries the store holds at most, tombstones included;
+///   default 100000;
+/// - "max_store_bytes": bytes of keys and values the store holds at most;
+///   default 16777216 (16 MiB);
+/// - "tombstone_lifetime_s": seconds a delete is remembered, so an older
+///   copy cannot bring the key back; default 604800 (7 days).
 ///
 /// Interfaces that do not exist yet are not an error: they are joined when
 /// they appear. Returns a handle owned by the caller (free it with
 /// `gwsync_close`), or NULL with `gwsync_last_error()` set: config_json
-/// NULL, not UTF-8, not JSON, an unknown key or a bad value
-/// (GWSYNC_ERR_INVALID), the state directory or key file unusable
-/// (GWSYNC_ERR_IO).
+/// NULL, not UTF-8, not JSON, an unknown or repeated key, a bad value or
+/// no key and no "open": true (GWSYNC_ERR_INVALID), the state directory or
+/// key file unusable (GWSYNC_ERR_IO).
 ///
 /// The handle starts in poll mode: nothing runs until `gwsync_process`.
 ///
@@ -664,8 +626,7 @@ pub unsafe extern "C" fn gwsync_open(config_json: *const c_char) -> *mut gwsync_
     guard(|| {
         // SAFETY: forwarded from the caller.
         let json = unsafe { text(config_json, "config_json") }?;
-        let (config, level) = driver_config(json)?;
-        crate::logging::log_to_stderr(level);
+        let (config, _level) = driver_config(json)?;
         let driver = Driver::open(config).map_err(|e| error(GWSYNC_ERR_IO, e.to_string()))?;
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| error(GWSYNC_ERR_IO, format!("eventfd: {e}")))?;
@@ -912,7 +873,7 @@ pub unsafe extern "C" fn gwsync_status(g: *const gwsync_t, json_out: *mut *mut c
         // SAFETY: forwarded from the caller.
         let g = unsafe { handle(g) }?;
         check_out(json_out, "json_out")?;
-        let status = g.shared.lock()?.driver()?.status().to_string();
+        let status = g.shared.lock()?.driver()?.status().to_json();
         // SAFETY: checked non-NULL above; writable by contract.
         unsafe { give(json_out, status) };
         Ok(GWSYNC_OK)
@@ -1182,6 +1143,8 @@ pub extern "C" fn gwsync_version() -> *const c_char {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::NodeId;
+    use std::net::IpAddr;
 
     fn last_error() -> String {
         // SAFETY: gwsync_last_error never returns NULL.
@@ -1207,7 +1170,7 @@ mod tests {
     #[test]
     fn config_keys_mirror_the_daemon_flags() {
         let (config, level) = driver_config(
-            r#"{"interfaces":["lo"],"group":"ff02::7373","port":9,"node_id":"a1","log_level":"off"}"#,
+            r#"{"interfaces":["lo"],"group":"ff02::7373","port":9,"node_id":"a1","log_level":"off","open":true}"#,
         )
         .unwrap();
         assert_eq!(config.interfaces, ["lo"]);
@@ -1215,7 +1178,20 @@ mod tests {
         assert_eq!(config.port, 9);
         assert_eq!(config.node_id, Some(NodeId(0xa1)));
         assert_eq!(level, log::LevelFilter::Off);
-        assert!(driver_config("{}").unwrap().0.state_dir.is_none());
+        assert!(
+            driver_config(r#"{"open":true}"#)
+                .unwrap()
+                .0
+                .state_dir
+                .is_none()
+        );
+        let no_key = driver_config("{}").err().unwrap();
+        assert_eq!(no_key.code, GWSYNC_ERR_INVALID);
+        assert!(
+            no_key.message.contains("\"open\": true"),
+            "{}",
+            no_key.message
+        );
         for bad in [
             r#"{"group":"10.0.0.1"}"#,
             r#"{"port":0}"#,
@@ -1224,6 +1200,8 @@ mod tests {
             r#"{"log_level":"loud"}"#,
             r#"{"interface":"lo"}"#,
             r#"{"interfaces":["../x"]}"#,
+            r#"{"open":true,"open":true}"#,
+            r#"{"max_entries":0}"#,
             "[]",
         ] {
             let error = driver_config(bad).err().unwrap_or_else(|| panic!("{bad}"));

@@ -9,11 +9,15 @@
 //! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
+#![deny(unsafe_code)]
+
+pub mod config;
 pub mod control;
 pub mod crypto;
 pub mod driver;
 pub mod engine;
 pub mod ffi;
+pub mod hex;
 pub mod logging;
 pub mod net;
 pub mod persist;

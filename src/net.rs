@@ -170,6 +170,39 @@ impl GroupSocket {
             Err(errno) => Err(errno.into()),
         }
     }
+
+    /// [`GroupSocket::recv`] that also says who sent the datagram, so a
+    /// gateway can name the addresses it hears with another key.
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(Received, Option<IpAddr>)> {
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC;
+        let capacity = buf.len();
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let received = socket::recvmsg::<socket::SockaddrStorage>(
+            self.socket.as_raw_fd(),
+            &mut iov,
+            None,
+            flags,
+        )
+        .map(|message| (message.bytes, message.flags, message.address));
+        match received {
+            Ok((bytes, msg_flags, address)) => {
+                let from = address.and_then(|address| {
+                    address
+                        .as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                });
+                let received = if bytes > capacity || msg_flags.contains(MsgFlags::MSG_TRUNC) {
+                    Received::Truncated(bytes)
+                } else {
+                    Received::Datagram(bytes)
+                };
+                Ok((received, from))
+            }
+            Err(Errno::EAGAIN) => Ok((Received::Empty, None)),
+            Err(errno) => Err(errno.into()),
+        }
+    }
 }
 
 impl AsFd for GroupSocket {

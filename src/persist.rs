@@ -50,6 +50,8 @@ pub enum PersistError {
     Dir(PathBuf, io::Error),
     /// A file could not be written (full flash, read-only mount).
     Write(PathBuf, io::Error),
+    /// The directory is not private enough to hold the data (why).
+    Unsafe(PathBuf, String),
 }
 
 impl fmt::Display for PersistError {
@@ -59,6 +61,9 @@ impl fmt::Display for PersistError {
                 write!(f, "state directory {}: {error}", path.display())
             }
             PersistError::Write(path, error) => write!(f, "writing {}: {error}", path.display()),
+            PersistError::Unsafe(path, why) => {
+                write!(f, "state directory {}: {why}", path.display())
+            }
         }
     }
 }
@@ -86,14 +91,30 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Uses (and creates, mode 0700) a state directory.
+    /// Uses (and creates, mode 0700) a state directory. One that other
+    /// users may write to is refused (they could swap our files); one they
+    /// may read or enter is made 0700, and that is logged. Files inside are
+    /// always written 0600.
     pub fn open(dir: &Path) -> Result<StateDir, PersistError> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
+        crate::config::check_dir_not_writable_by_others(dir, false)
+            .map_err(|why| PersistError::Unsafe(dir.to_owned(), why))?;
+        let meta = fs::metadata(dir).map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
+            log::warn!(
+                "state directory {} had mode {mode:04o}; made it 0700 so only its owner can \
+                 read the data",
+                dir.display()
+            );
+        }
         Ok(StateDir {
             dir: dir.to_owned(),
         })
@@ -160,7 +181,16 @@ impl StateDir {
         let path = self.dir.join(name);
         let temp = self.dir.join(format!("{name}.tmp"));
         let result = (|| {
-            let file = File::create(&temp)?;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            // A temp file left by a crash may have another mode: start anew.
+            let _ = fs::remove_file(&temp);
+            let file = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)?;
+            // 0600 whatever the umask (which can only remove bits anyway).
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
             let mut out = BufWriter::new(&file);
             fill(&mut out)?;
             out.flush()?;
@@ -210,9 +240,7 @@ fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
             }
             Some(value) => {
                 out.write_all(b",\"b\":\"")?;
-                for byte in value.iter() {
-                    write!(out, "{byte:02x}")?;
-                }
+                out.write_all(crate::hex::encode(value).as_bytes())?;
                 out.write_all(b"\"}")?;
             }
         }
@@ -261,7 +289,7 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
             None
         } else if let Some(hex) = entry.b {
             Some(
-                decode_hex(hex)
+                crate::hex::decode(hex)
                     .ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?
                     .into(),
             )
@@ -276,19 +304,6 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
         entries.push((entry.k, Entry { version, value }));
     }
     Ok((Hlc(file.clock), entries))
-}
-
-pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|at| {
-            text.get(at..at + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
 }
 
 /// When to write: at most once per `interval_ms` while changes keep coming.
@@ -319,6 +334,17 @@ impl Debounce {
     pub fn written(&mut self, now: u64, generation: u64) {
         self.written_generation = generation;
         self.last_write = Some(now);
+    }
+
+    /// A write failed: try again one interval after `now`, still owing
+    /// everything since the last write that worked.
+    pub fn failed(&mut self, now: u64) {
+        self.last_write = Some(now);
+    }
+
+    /// The state generation the last successful write saved.
+    pub fn written_generation(&self) -> u64 {
+        self.written_generation
     }
 }
 

@@ -14,12 +14,14 @@
 //! dump                          {"entries":{key: value, ...}}
 //! status                        the status object (`gwsync status --json`)
 //! trigger {reason?}             {}          power-on|reconnect|network-up|manual
+//! reload                        {}          re-reads the key file (as SIGHUP)
 //! ```
 //!
 //! Errors are ubus status codes: `INVALID_ARGUMENT` (2) for missing or
 //! mistyped arguments, bad keys and values over the size limit, `NOT_FOUND`
-//! (4), `METHOD_NOT_FOUND` (3), `UNKNOWN_ERROR` (9) when the store is full
-//! or a reply would not fit in one ubus message. With an error the object
+//! (4), `METHOD_NOT_FOUND` (3), `UNKNOWN_ERROR` (9) when the store is full,
+//! the key file cannot be reloaded or a reply would not fit in one ubus
+//! message. With an error the object
 //! also sends `{"error": "<text>"}` first, which `ubus call` prints.
 //! `PERMISSION_DENIED` (6) comes from rpcd/uhttpd, never from here: the
 //! ACL file `/usr/share/rpcd/acl.d/gwsync.json` decides who may call what.
@@ -349,18 +351,30 @@ use blob::{Msg, Writer};
 /// object members in document order. `name` is the attribute's name; an
 /// object at the top with `name == None` writes its members unwrapped (the
 /// body of a ubus reply is a table's contents).
+/// On error `out` is left as it was.
 pub fn json_to_blobmsg(out: &mut Writer, name: Option<&str>, json: &str) -> Result<(), String> {
     use serde::de::DeserializeSeed;
+    let start = out.buf.len();
     let mut deserializer = serde_json::Deserializer::from_str(json);
     let seed = BlobSeed {
-        out,
+        out: &mut *out,
         name: name.unwrap_or(""),
         unwrap: name.is_none(),
     };
-    seed.deserialize(&mut deserializer)
-        .map_err(|error| error.to_string())?;
-    deserializer.end().map_err(|error| error.to_string())
+    let result = seed
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end())
+        .map_err(|error| error.to_string());
+    if result.is_err() {
+        out.buf.truncate(start);
+    }
+    result
 }
+
+/// Why a value cannot go out over ubus: blobmsg strings end at a NUL, as C
+/// strings do (libubox's own JSON conversion cannot carry one either).
+const NUL_IN_STRING: &str =
+    "a string holds a NUL character (\\u0000), which ubus strings cannot carry";
 
 struct BlobSeed<'w, 'n> {
     out: &'w mut Writer,
@@ -415,6 +429,9 @@ impl<'de> serde::de::Visitor<'de> for BlobSeed<'_, '_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<(), E> {
+        if value.contains('\0') {
+            return Err(E::custom(NUL_IN_STRING));
+        }
         self.out.msg_str(self.name, value);
         Ok(())
     }
@@ -441,6 +458,11 @@ impl<'de> serde::de::Visitor<'de> for BlobSeed<'_, '_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let at = (!self.unwrap).then(|| self.out.msg_begin(blob::TYPE_TABLE, self.name));
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key.contains('\0') || key.len() > u16::MAX as usize {
+                return Err(serde::de::Error::custom(
+                    "a member name holds a NUL character or is over 65535 bytes, which blobmsg cannot carry",
+                ));
+            }
             map.next_value_seed(BlobSeed {
                 out: &mut *self.out,
                 name: &key,
@@ -651,6 +673,7 @@ const SIGNATURE: &[(&str, &[(&str, u8)])] = &[
     ("dump", &[]),
     ("status", &[]),
     ("trigger", &[("reason", blob::TYPE_STRING)]),
+    ("reload", &[]),
 ];
 
 fn add_object_message(seq: u16) -> Vec<u8> {
@@ -675,11 +698,10 @@ pub fn change_body(change: &ChangeEvent) -> Writer {
     match &change.value {
         Some(value) => {
             if json_to_blobmsg(&mut body, Some("value"), value).is_err() {
-                // Possible only for a value from a misbehaving peer: sent
-                // as its text, as `gwsync dump` does.
-                let mut text = String::new();
-                driver::push_json(&mut text, value.as_bytes());
-                let _ = json_to_blobmsg(&mut body, Some("value"), &text);
+                // Not JSON (a misbehaving peer), or a string with a NUL
+                // that blobmsg cannot carry: the JSON text goes under a
+                // name of its own, so no value is mistaken for another.
+                body.msg_str("value_json", &stored_json(value.as_bytes()));
             }
         }
         None => body.msg(blob::TYPE_INT8, "deleted", &[1]),
@@ -689,6 +711,11 @@ pub fn change_body(change: &ChangeEvent) -> Writer {
 }
 
 // ------------------------------------------------------------------ methods
+
+/// A stored value as JSON text (see [`driver::StoredValue`]).
+fn stored_json(bytes: &[u8]) -> String {
+    serde_json::to_string(&driver::StoredValue::of(bytes)).unwrap_or_else(|_| "null".to_owned())
+}
 
 /// A method's failure: the status code and a message for the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -782,8 +809,7 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
                     status: Status::NotFound,
                     message: format!("key not found: {key}"),
                 })?;
-            let mut value = String::new();
-            driver::push_json(&mut value, entry.value.unwrap_or_default());
+            let value = stored_json(entry.value.unwrap_or_default());
             format!(
                 "{{\"key\":{},\"value\":{value},\"version\":\"{:016x}\",\"origin\":\"{}\"}}",
                 serde_json::Value::from(key),
@@ -825,7 +851,7 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
             )
         }
         "dump" => format!("{{\"entries\":{}}}", driver.dump()),
-        "status" => driver.status().to_string(),
+        "status" => driver.status().to_json(),
         "trigger" => {
             let reason = args.string("reason")?.unwrap_or("manual");
             let reason = control::parse_trigger(reason).ok_or_else(|| {
@@ -834,6 +860,13 @@ pub fn call(driver: &mut Driver, method: &str, data: &[u8]) -> Result<String, Me
                 ))
             })?;
             driver.trigger(reason);
+            "{}".to_owned()
+        }
+        "reload" => {
+            driver.reload_keys().map_err(|message| MethodError {
+                status: Status::UnknownError,
+                message,
+            })?;
             "{}".to_owned()
         }
         other => {
@@ -1202,9 +1235,12 @@ impl Conn {
         };
         let mut encoded = Writer::default();
         let mut status = status;
-        if json_to_blobmsg(&mut encoded, None, &body).is_err() {
+        if let Err(why) = json_to_blobmsg(&mut encoded, None, &body) {
             status = Status::UnknownError;
-            encoded = Writer::default();
+            encoded.msg_str(
+                "error",
+                &format!("the reply cannot be sent over ubus: {why}"),
+            );
         }
         let mut data = frame(msg_type::DATA, to.seq, to.peer, |out| {
             out.put_u32(attr::OBJID, object);
@@ -1360,6 +1396,25 @@ mod tests {
     }
 
     #[test]
+    fn a_nul_in_a_string_is_refused_and_the_writer_left_as_it_was() {
+        let mut out = Writer::default();
+        out.msg_str("key", "k");
+        let before = out.buf.clone();
+        assert!(json_to_blobmsg(&mut out, Some("value"), r#"{"a":["x\u0000y"]}"#).is_err());
+        assert_eq!(out.buf, before);
+        // An event still says what changed, as JSON text under its own name.
+        let change = ChangeEvent {
+            key: "k".into(),
+            value: Some(r#"{"a":"x\u0000y"}"#.into()),
+            origin: crate::engine::NodeId(1),
+        };
+        assert_eq!(
+            parse_body(&change_body(&change).buf),
+            r#"{"key":"k","value_json":"{\"a\":\"x\\u0000y\"}","origin":"0000000000000001"}"#
+        );
+    }
+
+    #[test]
     fn lengths_that_overrun_their_container_are_refused() {
         // An attribute claiming 8 bytes inside a 6-byte buffer.
         let bad = [0x83, 0, 0, 8, 0, 0];
@@ -1428,7 +1483,9 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["get", "set", "del", "list", "dump", "status", "trigger"]
+            [
+                "get", "set", "del", "list", "dump", "status", "trigger", "reload"
+            ]
         );
     }
 
@@ -1491,6 +1548,28 @@ mod tests {
                 })
         }
 
+        /// JSON values blobmsg can carry: no NUL in strings, integers in
+        /// `i64`, finite doubles.
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::Value;
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |x| x.is_finite())
+                    .prop_map(Value::from),
+                "[^\\x00]{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    proptest::collection::btree_map("[^\\x00]{0,6}", inner, 0..6)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(4000))]
 
@@ -1513,6 +1592,20 @@ mod tests {
                         }
                     }
                 }
+            }
+
+            #[test]
+            fn json_survives_blobmsg_and_back(value in json_value()) {
+                let text = value.to_string();
+                let mut out = Writer::default();
+                json_to_blobmsg(&mut out, Some("v"), &text).unwrap();
+                let attr = blob::attrs(&out.buf).next().unwrap().unwrap();
+                let mut back = String::new();
+                blobmsg_to_json(&mut back, &attr.msg().unwrap(), 0).unwrap();
+                // Exact up to serde_json's own reading of the text (its
+                // default float parser may miss the last bit).
+                let read: serde_json::Value = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(back, read.to_string());
             }
 
             #[test]

@@ -766,10 +766,12 @@ fn example_gateway_syncs_with_a_node() {
         return;
     }
     let port = unique_port();
+    let dir = TempDir::new("c-api-example");
+    let key_file = common::group_key_file(dir.path());
     let exe = compile("examples/c/gateway.c");
     let mut command = target_command(exe);
-    command.args(["lo", &port.to_string()]);
-    let mut node = start_node(port, 3, None);
+    command.args(["lo", &port.to_string()]).arg(&key_file);
+    let mut node = start_node_keyed(port, 3, None, Some(&key_file));
     let mut gateway = Program::spawn("gateway", command, SYNC_TIMEOUT);
     gateway.expect("gateway ready", |line| line.starts_with("gateway ready: "));
     let scene = r#"{"name":"Evening","lights":{"ceiling":40,"lamp":80}}"#;

@@ -199,7 +199,14 @@ fn control_socket_is_private_and_a_second_daemon_on_it_is_refused() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     let second = common::gwsync_command()
-        .args(["daemon", "--foreground", "--interface", "lo", "--socket"])
+        .args([
+            "daemon",
+            "--foreground",
+            "--open",
+            "--interface",
+            "lo",
+            "--socket",
+        ])
         .arg(&daemons[0].socket)
         .arg("--state-dir")
         .arg(dir.path().join("second"))
@@ -239,10 +246,12 @@ fn demo_converges_to_version_3() {
 }
 
 #[test]
-fn only_daemons_with_the_group_key_share_data() {
+fn only_daemons_with_the_group_key_share_data_and_the_others_are_named_loudly() {
     let dir = TempDir::new("keyed");
     let key_file = dir.path().join("group.key");
     std::fs::write(&key_file, gwsync(&["genkey"]).stdout).unwrap();
+    let other_key_file = dir.path().join("other.key");
+    std::fs::write(&other_key_file, gwsync(&["genkey"]).stdout).unwrap();
     let port = unique_port().to_string();
     let keyed_args = [
         "--interface",
@@ -254,27 +263,68 @@ fn only_daemons_with_the_group_key_share_data() {
     ];
     let a = Daemon::start(dir.path(), "keyed-a", None, &keyed_args);
     let b = Daemon::start(dir.path(), "keyed-b", None, &keyed_args);
-    let outsider = Daemon::start(
+    let open = Daemon::start(
         dir.path(),
-        "outsider",
+        "open",
         None,
-        &["--interface", "lo", "--port", &port],
+        &["--interface", "lo", "--port", &port, "--open"],
+    );
+    let stranger = Daemon::start(
+        dir.path(),
+        "stranger",
+        None,
+        &[
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+            "--key-file",
+            other_key_file.to_str().unwrap(),
+        ],
     );
     assert_eq!(a.status()["keyed"], true);
+    assert_eq!(a.status()["key_state"], "keyed");
+    assert_eq!(open.status()["key_state"], "open");
     a.set("secret", r#""s3""#);
     wait_until("b has the keyed write", SYNC_TIMEOUT, || {
         b.get("secret").as_deref() == Some(r#""s3""#)
     });
-    outsider.set("open", "1");
+    open.set("open", "1");
+    stranger.set("strange", "2");
     wait_until(
-        "a drops the outsider's unsealed datagrams",
+        "a names the open and the wrongly keyed gateway in status",
         SYNC_TIMEOUT,
         || {
-            a.status()["counters"]["dropped"]
-                .as_object()
-                .is_some_and(|dropped| !dropped.is_empty())
+            let other = a.status()["other_key"].clone();
+            other["datagrams"].as_u64().unwrap_or(0) >= 2
+                && other["addresses"].as_array().is_some_and(|a| a.len() == 1)
         },
     );
-    assert_eq!(outsider.get("secret"), None);
+    // Every daemon here sends from this host's address on lo.
+    let address = a.status()["other_key"]["addresses"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until("a warns about another key in its log", SYNC_TIMEOUT, || {
+        a.log_text().contains("with another key: ")
+    });
+    let log = a.log_text();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("with another key"))
+        .unwrap();
+    assert!(warning.contains(&address), "{warning}");
+    assert!(warning.contains("datagram"), "{warning}");
+    // Rate-limited: one warning for the whole burst, not one per datagram.
+    assert_eq!(log.matches("with another key").count(), 1, "{log}");
+    assert_eq!(open.get("secret"), None);
+    assert_eq!(stranger.get("secret"), None);
     assert_eq!(a.get("open"), None);
+    assert_eq!(a.get("strange"), None);
+    // The key-less gateway hears the keyed ones as "another key" too.
+    wait_until(
+        "the open gateway names the keyed ones",
+        SYNC_TIMEOUT,
+        || open.status()["other_key"]["senders"].as_u64() == Some(1),
+    );
 }

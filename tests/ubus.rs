@@ -1,7 +1,10 @@
 //! The daemon as the ubus object `gwsync`, against OpenWrt 24.10's real
-//! ubusd, `ubus` CLI and libubus (built by ../shared/openwrt-luci/build.sh,
-//! run from its rootfs). Needs root (the userland build, namespaces); skips
-//! with a message without it.
+//! ubusd, `ubus` CLI, libubus, procd, rpcd and uhttpd (built from source by
+//! ../shared/openwrt-userland and ../shared/openwrt-luci, tests/common/owrt.rs).
+//! The first tests run ubusd on the host, one per gateway, with the daemons
+//! in network namespaces; the last ones boot routers with procd as PID 1.
+//! Needs root; skips with a message without it and under the cross
+//! emulator (the userland is an x86_64 build).
 
 mod common;
 
@@ -10,51 +13,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::owrt::{self, Flavor, Net, Router};
 use common::{Daemon, Lan, TempDir, gwsync, unique_port, wait_until};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The prebuilt OpenWrt userland, built here (under a lock, shared with
-/// every other test) when absent.
+/// OpenWrt's userland programs run on the host, from a private copy of
+/// the prebuilt rootfs (tests/common/owrt.rs builds it when absent).
 struct Userland {
+    /// Keeps the private rootfs copy.
+    _copy: Router,
     root: PathBuf,
     stage: PathBuf,
 }
 
 impl Userland {
     fn find(test: &str) -> Option<Userland> {
-        if !common::is_root() {
-            common::skip(&format!(
-                "{test}: the OpenWrt userland tests need root (CI runs them as root)"
-            ));
-            return None;
-        }
-        let dir = PathBuf::from(
-            std::env::var("GWSYNC_OWRT_DIR").unwrap_or_else(|_| "/tmp/owrt-luci".to_owned()),
-        );
-        if !dir.join("luci-rootfs/usr/sbin/uhttpd").exists() {
-            let shared = std::env::var("GWSYNC_SHARED_DIR").map_or_else(
-                |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-                PathBuf::from,
-            );
-            let lock = format!("{}.lock", dir.display());
-            let status = Command::new("flock")
-                .arg(&lock)
-                .arg(shared.join("openwrt-luci/build.sh"))
-                .env("OWRT", &dir)
-                .status();
-            if !matches!(status, Ok(status) if status.success()) {
-                common::skip(&format!(
-                    "{test}: building the OpenWrt userland into {} failed ({status:?})",
-                    dir.display()
-                ));
-                return None;
-            }
-        }
+        let router = Router::new(test, Flavor::Base)?;
         Some(Userland {
-            root: dir.join("rootfs"),
-            stage: dir.join("stage"),
+            root: router.root().to_owned(),
+            stage: owrt::cache_dir().join("stage"),
+            _copy: router,
         })
     }
 
@@ -95,9 +75,12 @@ impl Ubusd {
         }
     }
 
+    /// Kills ubusd and removes its socket, so a successor's shows when it
+    /// is listening.
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -234,6 +217,7 @@ const OK: u32 = 0;
 const INVALID_ARGUMENT: u32 = 2;
 const METHOD_NOT_FOUND: u32 = 3;
 const NOT_FOUND: u32 = 4;
+const UNKNOWN_ERROR: u32 = 9;
 
 #[test]
 fn every_method_through_the_ubus_cli_with_its_status_codes() {
@@ -319,6 +303,19 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
             > summaries
     });
 
+    // reload re-reads the key file; a broken one is refused, keys stay.
+    assert_eq!(call("reload", "{}"), (OK, json!({})));
+    std::fs::write(&key, "not a key\n").unwrap();
+    let (status, reply) = call("reload", "{}");
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty()),
+        "{reply}"
+    );
+    assert_eq!(daemon.status()["key_state"], "keyed");
+
     assert_eq!(call("del", r#"{"key":"scene/away"}"#), (OK, json!({})));
     assert_eq!(call("get", r#"{"key":"scene/away"}"#).0, NOT_FOUND);
     assert_eq!(daemon.get("scene/away"), None);
@@ -368,6 +365,52 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
     }
     assert_eq!(daemon.get("big"), None, "a refused value is not stored");
     assert_eq!(daemon.get("x"), None);
+}
+
+#[test]
+fn a_reply_over_ubusds_message_limit_is_an_error_and_the_object_stays() {
+    let Some(owrt) = Userland::find("a_reply_over_ubusds_message_limit") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-large");
+    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
+    let key = key_file(dir.path());
+    let daemon = start_daemon(
+        dir.path(),
+        "gw",
+        None,
+        "lo",
+        unique_port(),
+        &bus.socket,
+        &key,
+    );
+    wait_for_object(&owrt, &bus.socket);
+    // 18 values of 60 KiB: each fits, the whole dump (1.08 MB) does not fit
+    // ubusd's 1 MiB message limit.
+    let big = format!("\"{}\"", "v".repeat(60 * 1024));
+    for index in 0..18 {
+        daemon.set(&format!("bulk/{index:02}"), &big);
+    }
+    let call =
+        |method: &str, args: &str| ubus(&owrt, &bus.socket, &["call", "gwsync", method, args]);
+    let (status, reply) = call("dump", "{}");
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too large"),
+        "{reply}"
+    );
+    // ubusd kept the connection: the object still answers, and paging works.
+    let (status, page) = call("list", r#"{"prefix":"bulk/","offset":17}"#);
+    assert_eq!(
+        (status, page),
+        (OK, json!({"keys": ["bulk/17"], "total": 18}))
+    );
+    let (status, one) = call("get", r#"{"key":"bulk/17"}"#);
+    assert_eq!(status, OK);
+    assert_eq!(one["value"].as_str().map(str::len), Some(60 * 1024));
 }
 
 #[test]
@@ -635,4 +678,196 @@ fn after_ubusd_restarts_the_object_returns_and_no_change_event_is_lost() {
     });
     assert_eq!(listener.changes(), expected);
     drop(restarted);
+}
+
+// ------------------------------------------------------- routers under procd
+
+/// A router with the package installed as an image has it, a group key in
+/// uci `key_file`, the `extra` init scripts enabled, booted, and the object
+/// `gwsync` on its ubus.
+fn router_with_gwsync(test: &str, flavor: Flavor, net: Net, extra: &[&str]) -> Option<Router> {
+    let mut router = Router::new(test, flavor)?;
+    router.install_package();
+    router.enable_installed();
+    router.write("etc/gwsync.key", &gwsync(&["genkey"]).stdout);
+    let mut script = "chmod 600 /etc/gwsync.key && uci set gwsync.main.key_file=/etc/gwsync.key \
+                      && uci commit gwsync"
+        .to_owned();
+    for service in extra {
+        script.push_str(&format!(" && /etc/init.d/{service} enable"));
+    }
+    let result = router.chroot(&script);
+    assert_eq!(result.code, 0, "configure the router: {result:?}");
+    router.boot(net);
+    router.wait_for("the object gwsync is on ubus", TIMEOUT, "ubus list gwsync");
+    Some(router)
+}
+
+/// `ubus listen gwsync.change` in the background on the router, writing to
+/// `file` (on the router); returns once it is attached.
+fn router_listen(router: &Router, file: &str) {
+    router.sh_ok(&format!(
+        "ubus listen gwsync.change gwsync.test > {file} 2>&1 < /dev/null &"
+    ));
+    router.wait_for(
+        "ubus listen is attached",
+        TIMEOUT,
+        &format!("ubus send gwsync.test '{{}}'; grep -q gwsync.test {file}"),
+    );
+}
+
+fn router_changes(router: &Router, file: &str) -> Vec<Value> {
+    router
+        .sh_ok(&format!("cat {file}"))
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|line| line.get("gwsync.change").cloned())
+        .collect()
+}
+
+#[test]
+fn procd_restarts_a_killed_ubusd_and_the_object_returns_losing_no_event() {
+    let test = "procd_restarts_a_killed_ubusd_and_the_object_returns";
+    let Some(router) = router_with_gwsync(test, Flavor::Base, Net::Alone, &[]) else {
+        return;
+    };
+    let origin = router
+        .sh_ok("ubus call gwsync status | jsonfilter -e '@.node_id'")
+        .trim()
+        .to_owned();
+    let old_ubusd = router.sh_ok("pidof ubusd").trim().to_owned();
+    // The daemon pauses while ubusd dies and comes back and a listener
+    // attaches, so that listener is surely there when gwsync returns.
+    router.sh_ok("kill -STOP $(pidof gwsync) && kill $(pidof ubusd)");
+    router.wait_for(
+        "procd respawned ubusd",
+        TIMEOUT,
+        &format!("p=$(pidof ubusd) && [ \"$p\" != {old_ubusd} ] && ubus list > /dev/null"),
+    );
+    router_listen(&router, "/tmp/listen.out");
+    let resumed = std::time::Instant::now();
+    router.sh_ok("kill -CONT $(pidof gwsync) && gwsync set outage/1 1");
+    router.wait_for(
+        "the object is back on the new ubusd",
+        Duration::from_secs(10),
+        "ubus list gwsync",
+    );
+    println!(
+        "object back on the respawned ubusd {} ms after the daemon resumed",
+        resumed.elapsed().as_millis()
+    );
+    for index in 2..=6 {
+        if index % 2 == 0 {
+            router.sh_ok(&format!(
+                "ubus call gwsync set '{{\"key\":\"outage/{index}\",\"value\":{index}}}'"
+            ));
+        } else {
+            router.sh_ok(&format!("gwsync set outage/{index} {index}"));
+        }
+    }
+    let expected: Vec<Value> = (1..=6)
+        .map(|index| json!({"key": format!("outage/{index}"), "value": index, "origin": origin}))
+        .collect();
+    router.wait_for(
+        "six change events",
+        TIMEOUT,
+        "[ $(grep -c gwsync.change /tmp/listen.out) -ge 6 ]",
+    );
+    assert_eq!(router_changes(&router, "/tmp/listen.out"), expected);
+}
+
+/// rpcd logins: `reader` is granted the ACL group gwsync-read, `writer`
+/// gwsync-write (md5-crypt hashes of "reader-pw" and "writer-pw").
+const RPCD_CONFIG: &str = "config rpcd
+\toption socket /var/run/ubus/ubus.sock
+\toption timeout 30
+
+config login
+\toption username 'reader'
+\toption password '$1$gwsyncrd$PKyAfe1SwenAKCHk0EjUo0'
+\tlist read 'gwsync-read'
+
+config login
+\toption username 'writer'
+\toption password '$1$gwsyncwr$7I1nKtPxlz3MmAwiREIkl1'
+\tlist read 'gwsync-write'
+\tlist write 'gwsync-write'
+";
+
+#[test]
+fn an_rpcd_session_with_the_read_only_group_can_get_but_not_set() {
+    let test = "an_rpcd_session_with_the_read_only_group";
+    let Some(router) = router_with_gwsync(test, Flavor::Luci, Net::Alone, &["rpcd"]) else {
+        return;
+    };
+    assert!(
+        router.path("/usr/share/rpcd/acl.d/gwsync.json").exists(),
+        "the package installs the ACL"
+    );
+    // rpcd reads its logins from uci at each login.
+    router.write("etc/config/rpcd", RPCD_CONFIG);
+    router.wait_for("rpcd serves sessions", TIMEOUT, "ubus list session");
+    router.sh_ok("gwsync set acl/x '{\"n\":1}'");
+    // uhttpd's JSON-RPC endpoint is how LuCI calls ubus with a session.
+    router.sh_ok("uhttpd -p 127.0.0.1:8080 -h /www -u /ubus");
+    router.wait_for(
+        "uhttpd answers",
+        TIMEOUT,
+        "wget -q -O /dev/null http://127.0.0.1:8080/",
+    );
+    let session = |user: &str| -> String {
+        let result = router.sh(&format!(
+            "ubus call session login '{{\"username\":\"{user}\",\"password\":\"{user}-pw\"}}'"
+        ));
+        let reply: Value = serde_json::from_str(&result.stdout)
+            .unwrap_or_else(|_| panic!("{user} cannot log in: {result:?}"));
+        reply["ubus_rpc_session"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{user}: no session in {reply} ({result:?})"))
+            .to_owned()
+    };
+    let access = |sid: &str, function: &str| -> Value {
+        let reply = router.sh_ok(&format!(
+            "ubus call session access '{{\"ubus_rpc_session\":\"{sid}\",\"scope\":\"ubus\",\"object\":\"gwsync\",\"function\":\"{function}\"}}'"
+        ));
+        serde_json::from_str::<Value>(&reply).unwrap()["access"].clone()
+    };
+    let rpc = |sid: &str, method: &str, args: Value| -> Value {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "call", "params": [sid, "gwsync", method, args]});
+        let reply = router.sh_ok(&format!(
+            "wget -q -O - --header 'Content-Type: application/json' --post-data '{body}' http://127.0.0.1:8080/ubus"
+        ));
+        serde_json::from_str(&reply).unwrap_or_else(|_| panic!("not JSON: {reply}"))
+    };
+
+    let reader = session("reader");
+    assert!(!reader.is_empty());
+    for function in ["get", "list", "dump", "status"] {
+        assert_eq!(access(&reader, function), true, "reader may {function}");
+    }
+    for function in ["set", "del", "trigger", "reload"] {
+        assert_eq!(
+            access(&reader, function),
+            false,
+            "reader may not {function}"
+        );
+    }
+    let got = rpc(&reader, "get", json!({"key": "acl/x"}));
+    assert_eq!(got["result"][0], 0, "{got}");
+    assert_eq!(got["result"][1]["value"], json!({"n": 1}), "{got}");
+    let denied = rpc(&reader, "set", json!({"key": "acl/x", "value": 2}));
+    assert_eq!(denied["error"]["message"], "Access denied", "{denied}");
+    let denied = rpc(&reader, "del", json!({"key": "acl/x"}));
+    assert_eq!(denied["error"]["message"], "Access denied", "{denied}");
+    assert_eq!(
+        router.sh_ok("gwsync get acl/x").trim(),
+        r#"{"n":1}"#,
+        "a denied call changes nothing"
+    );
+
+    let writer = session("writer");
+    assert_eq!(access(&writer, "set"), true);
+    let set = rpc(&writer, "set", json!({"key": "acl/x", "value": 2}));
+    assert_eq!(set["result"][0], 0, "{set}");
+    assert_eq!(router.sh_ok("gwsync get acl/x").trim(), "2");
 }

@@ -7,7 +7,9 @@
  * Build (see README-c.md):
  *   cc -o gateway examples/c/gateway.c $(pkg-config --cflags --libs gwsync)
  * Run:
- *   ./gateway [INTERFACE [PORT]]      e.g. ./gateway br-lan
+ *   ./gateway [INTERFACE [PORT [KEY_FILE]]]   e.g. ./gateway br-lan
+ * KEY_FILE defaults to /etc/gwsync.key (made by `gwsync genkey`, the same
+ * file on every gateway).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -42,6 +44,7 @@ int main(int argc, char **argv)
 {
     const char *interface = argc > 1 ? argv[1] : "br-lan";
     const char *port = argc > 2 ? argv[2] : "7373";
+    const char *key_file = argc > 3 ? argv[3] : "/etc/gwsync.key";
     setvbuf(stdout, NULL, _IOLBF, 0);
 
     struct sigaction action;
@@ -50,10 +53,12 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &action, NULL);
     sigaction(SIGTERM, &action, NULL);
 
-    char config[256];
+    /* Real code would build this with a JSON library, escaping the values. */
+    char config[1024];
     snprintf(config, sizeof config,
-             "{\"interfaces\": [\"%s\"], \"port\": %s, \"log_level\": \"warn\"}",
-             interface, port);
+             "{\"interfaces\": [\"%s\"], \"port\": %s, \"key_file\": \"%s\", "
+             "\"log_level\": \"warn\"}",
+             interface, port, key_file);
     gwsync_t *g = gwsync_open(config);
     if (!g) {
         fprintf(stderr, "gwsync_open: %s\n", gwsync_last_error());

@@ -4,7 +4,6 @@
 //! arguments are parsed by hand for the same reason (no clap).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -21,17 +20,17 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 const EXIT_OK: u8 = 0;
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
-const EXIT_NOT_FOUND: u8 = 3;
 
 const USAGE: &str = "\
 usage:
   gwsync daemon [--interface IF]... [--group ADDR] [--port N] [--state-dir DIR]
-                [--socket PATH] [--key-file FILE] [--node-id HEX]
+                [--socket PATH] [--key-file FILE | --open] [--node-id HEX]
                 [--log-level error|warn|info|debug] [--foreground]
+                [--max-entries N] [--max-store-bytes N] [--tombstone-lifetime-s N]
                 [--ubus-socket PATH (default /var/run/ubus/ubus.sock; \"\": off)]
   gwsync [--socket PATH] get KEY | set KEY JSON | del KEY | list [PREFIX]
                 | dump | status | trigger [power-on|reconnect|network-up]
-                | watch
+                | watch | reload
   gwsync genkey
   gwsync demo
   gwsync --version | --help
@@ -102,8 +101,13 @@ fn run(args: Vec<String>) -> Result<(), Failure> {
             no_more(&rest)?;
             demo()
         }
-        "get" | "set" | "del" | "list" | "dump" | "status" | "trigger" | "watch" => {
-            client(socket.unwrap_or_else(default_socket), &command, rest)
+        "get" | "set" | "del" | "list" | "dump" | "status" | "trigger" | "watch" | "reload" => {
+            let socket = match socket {
+                Some(socket) => socket,
+                None => gwsync::config::default_socket(false)
+                    .map_err(|failure| error(failure.message))?,
+            };
+            client(socket, &command, rest)
         }
         other => Err(usage(format!("unknown command: {other}"))),
     }
@@ -117,35 +121,6 @@ fn no_more(rest: &[String]) -> Result<(), Failure> {
     match rest.first() {
         Some(extra) => Err(usage(format!("unexpected argument: {extra}"))),
         None => Ok(()),
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// `/var/run/gwsync.sock` for root (what the init script uses); for others
-/// a path they can create, so the CLI and daemon work without setup.
-fn default_socket() -> PathBuf {
-    if is_root() {
-        return PathBuf::from("/var/run/gwsync.sock");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("gwsync.sock"),
-        _ => PathBuf::from(format!("/tmp/gwsync-{}.sock", nix::unistd::geteuid())),
-    }
-}
-
-fn default_state_dir() -> PathBuf {
-    if is_root() {
-        return PathBuf::from("/etc/gwsync");
-    }
-    match std::env::var_os("XDG_STATE_HOME").or_else(|| std::env::var_os("HOME")) {
-        Some(dir) if !dir.is_empty() && std::env::var_os("XDG_STATE_HOME").is_some() => {
-            PathBuf::from(dir).join("gwsync")
-        }
-        Some(home) if !home.is_empty() => PathBuf::from(home).join(".local/state/gwsync"),
-        _ => PathBuf::from(format!("/tmp/gwsync-{}-state", nix::unistd::geteuid())),
     }
 }
 
@@ -174,98 +149,23 @@ fn init_logging(level: log::LevelFilter, foreground: bool) {
 
 // ----------------------------------------------------------------- daemon
 
-struct DaemonOptions {
-    config: DriverConfig,
-    socket: PathBuf,
-    log_level: log::LevelFilter,
-    foreground: bool,
-    key_file: Option<PathBuf>,
-    /// ubusd's socket; empty: no ubus.
-    ubus_socket: PathBuf,
-}
-
-fn parse_daemon_args(socket: Option<PathBuf>, args: Vec<String>) -> Result<DaemonOptions, Failure> {
-    let mut options = DaemonOptions {
-        config: DriverConfig::default(),
-        socket: socket.unwrap_or_else(default_socket),
-        log_level: log::LevelFilter::Info,
-        foreground: false,
-        key_file: None,
-        ubus_socket: PathBuf::from(gwsync::ubus::SOCKET_DEFAULT),
-    };
-    let mut state_dir = None;
-    let mut args = args.into_iter();
-    while let Some(flag) = args.next() {
-        match flag.as_str() {
-            "--interface" | "-i" => options
-                .config
-                .interfaces
-                .push(value_of(&flag, args.next())?),
-            "--group" => {
-                let text = value_of(&flag, args.next())?;
-                let group: IpAddr = text
-                    .parse()
-                    .map_err(|_| usage(format!("--group: not an IP address: {text}")))?;
-                if !group.is_multicast() {
-                    return Err(usage(format!("--group: not a multicast address: {text}")));
-                }
-                options.config.group = group;
-            }
-            "--port" => {
-                let text = value_of(&flag, args.next())?;
-                options.config.port = text
-                    .parse()
-                    .ok()
-                    .filter(|&port| port != 0)
-                    .ok_or_else(|| usage(format!("--port: not a port number: {text}")))?;
-            }
-            "--state-dir" => state_dir = Some(PathBuf::from(value_of(&flag, args.next())?)),
-            "--socket" => options.socket = PathBuf::from(value_of(&flag, args.next())?),
-            "--key-file" => options.key_file = Some(PathBuf::from(value_of(&flag, args.next())?)),
-            "--node-id" => {
-                let text = value_of(&flag, args.next())?;
-                let id = text.parse::<NodeId>().map_err(|_| {
-                    usage(format!("--node-id: expected up to 16 hex digits: {text}"))
-                })?;
-                options.config.node_id = Some(id);
-            }
-            "--log-level" => {
-                let text = value_of(&flag, args.next())?;
-                options.log_level = text
-                    .parse()
-                    .map_err(|_| usage(format!("--log-level: unknown level: {text}")))?;
-            }
-            "--foreground" | "-f" => options.foreground = true,
-            "--ubus-socket" => options.ubus_socket = PathBuf::from(value_of(&flag, args.next())?),
-            other => return Err(usage(format!("daemon: unknown option: {other}"))),
-        }
-    }
-    options.config.state_dir = Some(state_dir.unwrap_or_else(default_state_dir));
-    Ok(options)
-}
-
-/// Uses the security layer's loader, so the daemon and the C API accept
-/// (and warn about) exactly the same key files.
-fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Failure> {
-    let (key, warning) = gwsync::crypto::load_key_file(path)
-        .map_err(|failure| error(format!("key file {}: {failure}", path.display())))?;
-    if let Some(warning) = warning {
-        log::warn!("key file {}: {warning}", path.display());
-    }
-    Ok(*key.as_bytes())
-}
-
 fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-    let mut options = parse_daemon_args(socket, args)?;
+    let config_failure = |failure: gwsync::config::ConfigError| match failure.kind {
+        gwsync::config::ConfigErrorKind::Invalid => usage(failure.message),
+        gwsync::config::ConfigErrorKind::Io => error(failure.message),
+    };
+    let options = gwsync::config::Config::from_daemon_args(args, socket).map_err(config_failure)?;
     init_logging(options.log_level, options.foreground);
-    if let Some(path) = &options.key_file {
-        options.config.key = Some(read_key_file(path)?);
-        log::info!("group key loaded from {}", path.display());
-    }
+    let driver_config = options.driver_config().map_err(|failure| Failure {
+        // A missing key is not a typo: say it without the whole usage.
+        code: EXIT_USAGE,
+        message: failure.message,
+    })?;
+    let socket_path = options.socket.clone().unwrap_or_default();
     // Signals arrive on a signalfd polled with everything else, so a
     // SIGTERM can never interrupt a half-written state file.
     let mut signals = SigSet::empty();
@@ -283,19 +183,20 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|errno| error(format!("signalfd: {errno}")))?;
     let mut control =
-        ControlServer::bind(&options.socket).map_err(|failure| error(failure.to_string()))?;
-    let mut driver = Driver::open(options.config).map_err(|failure| error(failure.to_string()))?;
+        ControlServer::bind(&socket_path).map_err(|failure| error(failure.to_string()))?;
+    let mut driver = Driver::open(driver_config).map_err(|failure| error(failure.to_string()))?;
     log::info!("gwsync {VERSION} serving {}", control.path().display());
     let mut ubus = (!options.ubus_socket.as_os_str().is_empty())
         .then(|| gwsync::ubus::Ubus::new(&options.ubus_socket));
     let mut stopping = false;
     while !stopping {
         // Cap the wait so a clock oddity can never park the loop for long.
-        let wait_ms = driver.timeout_ms().unwrap_or(60_000).min(60_000);
-        let wait_ms = ubus
-            .as_ref()
-            .and_then(|u| u.timeout_ms())
-            .map_or(wait_ms, |ms| ms.min(wait_ms));
+        let wait_ms = driver
+            .timeout_ms()
+            .unwrap_or(60_000)
+            .min(control.timeout_ms().unwrap_or(60_000))
+            .min(ubus.as_ref().and_then(|u| u.timeout_ms()).unwrap_or(60_000))
+            .min(60_000);
         let ready = {
             let control_fds = control.poll_fds();
             let mut fds = vec![
@@ -303,8 +204,12 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
                 PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
             ];
             let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
-            for (fd, wants_write) in control_fds.into_iter().chain(ubus_fd) {
-                let mut flags = PollFlags::POLLIN;
+            let ubus_fd = ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write));
+            for (fd, wants_read, wants_write) in control_fds.into_iter().chain(ubus_fd) {
+                let mut flags = PollFlags::empty();
+                if wants_read {
+                    flags |= PollFlags::POLLIN;
+                }
                 if wants_write {
                     flags |= PollFlags::POLLOUT;
                 }
@@ -329,6 +234,11 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
                     log::info!("SIGUSR1: starting a sync request");
                     driver.trigger(TriggerReason::Manual);
                 }
+                Ok(Signal::SIGHUP) => {
+                    log::info!("SIGHUP: reloading the group keys");
+                    // Errors are logged by the driver; the keys in use stay.
+                    let _ = driver.reload_keys();
+                }
                 _ => log::info!("ignoring signal {}", info.ssi_signo),
             }
         }
@@ -345,9 +255,16 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         }
         control.flush();
     }
-    driver.flush();
-    log::info!("stopping: state saved");
-    Ok(())
+    match driver.flush() {
+        Ok(()) => {
+            log::info!("stopping: state saved");
+            Ok(())
+        }
+        Err(failure) => {
+            log::error!("stopping: {failure}");
+            Err(error(format!("stopping: {failure}")))
+        }
+    }
 }
 
 // -------------------------------------------------------------------- CLI
@@ -410,7 +327,7 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
         }
         _ => format!("{{\"op\":\"{command}\"}}"),
     };
-    let stream = UnixStream::connect(&socket).map_err(|failure| {
+    let stream = control::connect(&socket).map_err(|failure| {
         error(format!(
             "cannot reach the daemon at {}: {failure} (is `gwsync daemon` running? --socket PATH)",
             socket.display()
@@ -440,10 +357,7 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
             .and_then(|raw| serde_json::from_str::<String>(raw).ok())
             .unwrap_or_else(|| line.trim_end().to_owned());
         return Err(Failure {
-            code: match code.as_str() {
-                "not_found" => EXIT_NOT_FOUND,
-                _ => EXIT_ERROR,
-            },
+            code: control::ErrorCode::from_name(&code).map_or(EXIT_ERROR, |code| code.exit_code()),
             message,
         });
     }
@@ -452,6 +366,11 @@ fn client(socket: PathBuf, command: &str, args: Vec<String>) -> Result<(), Failu
     let printed = match command {
         "get" => writeln!(out, "{}", field("value").unwrap_or("null")),
         "dump" => writeln!(out, "{}", field("data").unwrap_or("{}")),
+        "reload" => writeln!(
+            out,
+            "reloaded: {} key(s) in use",
+            field("keys").unwrap_or("?")
+        ),
         "list" => {
             let keys: Vec<String> = field("keys")
                 .and_then(|raw| serde_json::from_str(raw).ok())
@@ -502,11 +421,9 @@ fn watch(mut reader: BufReader<&UnixStream>) -> Result<(), Failure> {
 }
 
 fn genkey() -> Result<(), Failure> {
-    use rand::{RngCore, SeedableRng};
-    let mut key = [0u8; 32];
-    rand::rngs::StdRng::from_os_rng().fill_bytes(&mut key);
-    let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
-    println!("{hex}");
+    let key = gwsync::crypto::GroupKey::generate()
+        .map_err(|failure| error(format!("no randomness from the system: {failure}")))?;
+    println!("{}", key.to_hex());
     Ok(())
 }
 
@@ -538,8 +455,14 @@ fn demo() -> Result<(), Failure> {
             .map_or_else(|| id.to_string(), |at| names[at].to_owned())
     };
     let key = "home/living-room/scene";
+    // The demo's own group key: sealed like any real group, and never the
+    // key of a real group that may share this host's loopback.
+    let group_key = gwsync::crypto::GroupKey::generate()
+        .map_err(|failure| error(format!("no randomness from the system: {failure}")))?;
+    let keyring = gwsync::crypto::Keyring::new(&group_key);
     let config_for = |index: usize, port: u16| DriverConfig {
         interfaces: vec!["lo".to_owned()],
+        keys: vec![group_key.clone()],
         port,
         state_dir: Some(base.join(names[index])),
         node_id: Some(ids[index]),
@@ -607,7 +530,14 @@ fn demo() -> Result<(), Failure> {
             // What this gateway just sent, before anyone else reacts to it.
             while let Ok(net::Received::Datagram(len)) = observer.recv(&mut buf) {
                 last_datagram = Instant::now();
-                let Ok((header, message)) = wire::decode(&buf[..len]) else {
+                let datagram = &buf[..len];
+                let Ok(header) = wire::Header::parse(datagram) else {
+                    continue;
+                };
+                let Ok(payload) = keyring.open(datagram) else {
+                    continue;
+                };
+                let Ok(message) = Message::parse_payload(header.message_type, &payload) else {
                     continue;
                 };
                 let what = match message {

@@ -250,6 +250,8 @@ pub struct Counters {
 pub struct Peer {
     pub last_heard: u64,
     pub window: ReplayWindow,
+    /// The summary digest it announced last (`status`: in sync or not).
+    pub last_digest: Option<u64>,
     /// Token bucket of datagrams this sender may still send (one token per
     /// millisecond up to the per-second limit), so a flood from one sender
     /// costs the others nothing.
@@ -262,6 +264,7 @@ impl Peer {
         Peer {
             last_heard: now,
             window: ReplayWindow::new(header.boot, header.seq),
+            last_digest: None,
             tokens: rate_max,
             tokens_at: now,
         }
@@ -629,7 +632,12 @@ impl Engine {
             self.loss_heard_at = Some(now);
         }
         match message {
-            Message::Summary(summary) => self.on_summary(now, summary),
+            Message::Summary(summary) => {
+                if let Some(peer) = self.peers.get_mut(&header.sender) {
+                    peer.last_digest = Some(summary.digest);
+                }
+                self.on_summary(now, summary)
+            }
             Message::Entries(entries) => self.on_entries(now, header.sender, entries),
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
             Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),

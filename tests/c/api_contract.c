@@ -52,6 +52,10 @@ static void clear_error(void)
     } while (0)
 
 static const char BAD_UTF8[] = "scene/\xff\xfe";
+/* An inline group key (the "keys" config key); real gateways use a key
+ * file made by `gwsync genkey`. */
+#define TEST_KEYS "\"keys\":[\"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a\"]"
+
 static char *big_value; /* one JSON string over the 64 KiB value limit */
 static char *big_key;   /* over the 256-byte key limit */
 static char sentinel_storage;
@@ -114,6 +118,17 @@ static void null_and_bad_arguments(gwsync_t *g)
     EXPECT_OPEN_FAILS("{\"group\":\"192.168.1.1\"}");
     EXPECT_OPEN_FAILS("{\"node_id\":\"not hex\"}");
     EXPECT_OPEN_FAILS("{\"key_file\":\"/nonexistent/gwsync.key\"}");
+    /* Keyed by default: no key and no "open": true is refused, saying how
+     * to fix it. */
+    EXPECT_OPEN_FAILS("{\"interfaces\":[\"lo\"]}");
+    CHECK(strstr(gwsync_last_error(), "\"open\": true") != NULL);
+    CHECK(strstr(gwsync_last_error(), "\"key_file\"") != NULL);
+    EXPECT_OPEN_FAILS("{\"open\":true," TEST_KEYS "}");
+    EXPECT_OPEN_FAILS("{\"keys\":[]}");
+    EXPECT_OPEN_FAILS("{\"keys\":[\"00\"]}");
+    EXPECT_OPEN_FAILS("{\"open\":true,\"open\":true}");
+    EXPECT_OPEN_FAILS("{\"open\":true,\"max_entries\":0}");
+    EXPECT_OPEN_FAILS("{\"open\":true,\"tombstone_lifetime_s\":1}");
 
     EXPECT(gwsync_set(NULL, "k", "1"), GWSYNC_ERR_INVALID);
     EXPECT(gwsync_set(g, NULL, "1"), GWSYNC_ERR_INVALID);
@@ -263,7 +278,9 @@ static void close_flushes_state(const char *port, const char *state_dir)
 {
     char config[512];
     snprintf(config, sizeof config,
-             "{\"interfaces\":[\"lo\"],\"port\":%s,\"state_dir\":\"%s\",\"log_level\":\"off\"}",
+             "{\"interfaces\":[\"lo\"],\"port\":%s,\"state_dir\":\"%s\",\"log_level\":\"off\","
+             "\"open\":true,\"max_entries\":1000,\"max_store_bytes\":1000000,"
+             "\"tombstone_lifetime_s\":3600}",
              port, state_dir);
     gwsync_t *g = gwsync_open(config);
     CHECK(g != NULL);
@@ -309,11 +326,13 @@ int main(int argc, char **argv)
     const char *node_id = "00000000000000c1";
     char config[256];
     snprintf(config, sizeof config,
-             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\",\"log_level\":\"off\"}",
-             argv[1], node_id);
+             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\",\"log_level\":\"off\","
+             "%s}",
+             argv[1], node_id, TEST_KEYS);
     char clean_config[256];
     snprintf(clean_config, sizeof clean_config,
-             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"c0\",\"log_level\":\"off\"}",
+             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"c0\",\"log_level\":\"off\","
+             "\"open\":true}",
              argv[1]);
     clean = gwsync_open(clean_config);
     CHECK(clean != NULL);

@@ -71,7 +71,7 @@ int main(int argc, char **argv)
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    char key[300] = "";
+    char key[300] = ",\"open\":true";
     if (argc == 4)
         snprintf(key, sizeof key, ",\"key_file\":\"%s\"", argv[3]);
     char config[512];

@@ -125,7 +125,8 @@ int main(int argc, char **argv)
     main_thread = pthread_self();
     char config[256];
     snprintf(config, sizeof config,
-             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\",\"log_level\":\"off\"}",
+             "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\",\"log_level\":\"off\","
+             "\"open\":true}",
              argv[1], argv[2]);
     g = gwsync_open(config);
     CHECK(g != NULL);

@@ -125,6 +125,25 @@ impl Drop for TempDir {
     }
 }
 
+/// `dir/group.key`, made (mode 0600, a fresh key) the first time it is
+/// asked for: the key the daemons of one test directory share.
+pub fn group_key_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("group.key");
+    if !path.exists() {
+        let key = gwsync::crypto::GroupKey::generate().expect("a random key");
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create the group key file");
+        std::io::Write::write_all(&mut file, format!("{}\n", key.to_hex()).as_bytes())
+            .expect("write the group key file");
+    }
+    path
+}
+
 /// What a CLI call returned.
 #[derive(Debug)]
 pub struct CliResult {
@@ -185,6 +204,17 @@ impl Daemon {
     }
 
     fn launch(&mut self) {
+        // Daemons refuse to start without a key unless told --open: the
+        // daemons of one test directory share one key, so they form a group.
+        let mut keying = Vec::new();
+        if !self
+            .args
+            .iter()
+            .any(|arg| arg == "--key-file" || arg == "--open")
+        {
+            keying.push("--key-file".to_owned());
+            keying.push(group_key_file(&self.dir).display().to_string());
+        }
         let log = File::options()
             .create(true)
             .append(true)
@@ -208,6 +238,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(&self.args)
+            .args(&keying)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
