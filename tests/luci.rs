@@ -421,10 +421,20 @@ fn luci_app_in_chromium() {
     browser.click("#gwsync-filter");
     browser.wait("/of 2$/.test(document.querySelector('#gwsync-range').textContent)");
     browser.shot("data");
-    browser.open("status", "!!document.querySelector('#gwsync-node-id')");
-    browser.wait(&format!(
-        "[...document.querySelectorAll('#gwsync-peers .tr')].some(r => r.innerText.includes('{peer_id}'))"
+
+    // Status again: the page's own writes are among the recent changes, and
+    // the peer agrees with us once the edits have reached it.
+    browser.open(
+        "status",
+        "[...document.querySelectorAll('#gwsync-changes .gwsync-change')].some(k => k.textContent == 'home/1/name')",
+    );
+    let row = browser.wait(&format!(
+        "[...document.querySelectorAll('#gwsync-peers .tr')].find(r => r.innerText.includes('{peer_id}') && r.querySelector('.label.success'))?.innerText"
     ));
+    assert!(
+        row.as_str().unwrap().to_lowercase().contains("in sync"),
+        "peer row: {row}"
+    );
     browser.shot("status");
     let exceptions = browser.exceptions();
     assert!(exceptions.is_empty(), "page exceptions: {exceptions:?}");
