@@ -332,6 +332,10 @@ fn luci_app_in_chromium() {
 
     let mut browser = Browser::start(&gateway);
     browser.login("root", ROOT_PASSWORD);
+    let menu = browser.eval(
+        "[...document.querySelectorAll('a')].filter(a => /admin\\/services\\/gwsync$/.test(a.href)).map(a => a.textContent.trim())",
+    );
+    assert_eq!(menu, json!(["Gateway sync"]), "Services menu entry");
 
     // Status: the peer is listed, keyed, with when it was last heard.
     browser.open("status", "!!document.querySelector('#gwsync-node-id')");
@@ -442,6 +446,10 @@ fn luci_app_in_chromium() {
     // Read-only login: sees everything, every control is disabled, a click
     // changes nothing, and rpcd refuses the calls themselves.
     browser.login(VIEWER, VIEWER_PASSWORD);
+    browser.open("status", "!!document.querySelector('#gwsync-node-id')");
+    browser.wait(&format!(
+        "[...document.querySelectorAll('#gwsync-peers .tr')].some(r => r.innerText.includes('{peer_id}'))"
+    ));
     browser.open(
         "data",
         "/of 30$/.test(document.querySelector('#gwsync-range').textContent)",
