@@ -106,18 +106,19 @@ return view.extend({
 		};
 
 		o = s.taboption('limits', form.Value, 'max_entries', _('Maximum entries'),
-			_('Keys in the store, deleted ones included, before writes are refused. Default: 100000.'));
-		o.datatype = 'range(1,4294967295)';
+			_('Keys in the store, deleted ones included, before writes are refused; 1 to 10000000. Default: 100000.'));
+		// The daemon's bounds (src/config.rs): out of them it refuses to start.
+		o.datatype = 'range(1,10000000)';
 		o.placeholder = '100000';
 
 		o = s.taboption('limits', form.Value, 'max_store_bytes', _('Maximum store size (bytes)'),
-			_('Keys plus values of all entries. Default: 16777216 (16 MiB).'));
-		o.datatype = 'range(1024,4294967295)';
+			_('Keys plus values of all entries, 65792 to 1073741824. Default: 16777216 (16 MiB).'));
+		o.datatype = 'range(65792,1073741824)';
 		o.placeholder = '16777216';
 
 		o = s.taboption('limits', form.Value, 'tombstone_lifetime_s', _('Deleted-key lifetime (seconds)'),
-			_('How long a delete is remembered so a gateway that was away cannot bring the key back. Longer than any gateway stays offline. Default: 604800 (7 days).'));
-		o.datatype = 'range(1,4294967295)';
+			_('How long a delete is remembered so a gateway that was away cannot bring the key back. Longer than any gateway stays offline; 60 to 315360000. Default: 604800 (7 days).'));
+		o.datatype = 'range(60,315360000)';
 		o.placeholder = '604800';
 
 		return m.render();
