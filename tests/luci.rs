@@ -388,6 +388,11 @@ fn luci_app_in_chromium() {
         "invalid JSON not flagged: {error}"
     );
     browser.shot("data-invalid-json");
+    assert_eq!(
+        gwsync_get(&gateway, "home/1/scene/evening").as_deref(),
+        Some(scene),
+        "invalid JSON reached the daemon"
+    );
     let edited = r#"{"name":"Evening","lights":[{"id":"l1","on":true,"level":75}]}"#;
     browser.type_text("#gwsync-edit-value", edited);
     browser.click("#gwsync-edit-save");
@@ -427,7 +432,10 @@ fn luci_app_in_chromium() {
     browser.shot("data");
 
     // Status again: the page's own writes are among the recent changes, and
-    // the peer agrees with us once the edits have reached it.
+    // the peer agrees with us once the edits have reached it. A peer that is
+    // quiet (Trickle at Imax) announces its digest only now and then: a
+    // trigger makes it announce now.
+    peer.sh_ok("gwsync trigger");
     browser.open(
         "status",
         "[...document.querySelectorAll('#gwsync-changes .gwsync-change')].some(k => k.textContent == 'home/1/name')",
