@@ -22,5 +22,9 @@ pub mod logging;
 pub mod net;
 pub mod persist;
 pub mod sim;
+#[cfg(feature = "ubus")]
+pub mod ubus;
+#[cfg(not(feature = "ubus"))]
+#[path = "ubus_off.rs"]
 pub mod ubus;
 pub mod wire;

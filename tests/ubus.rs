@@ -6,6 +6,8 @@
 //! Needs root; skips with a message without it and under the cross
 //! emulator (the userland is an x86_64 build).
 
+#![cfg(feature = "ubus")]
+
 mod common;
 
 use std::fs::File;
@@ -411,6 +413,28 @@ fn a_reply_over_ubusds_message_limit_is_an_error_and_the_object_stays() {
     let (status, one) = call("get", r#"{"key":"bulk/17"}"#);
     assert_eq!(status, OK);
     assert_eq!(one["value"].as_str().map(str::len), Some(60 * 1024));
+}
+
+#[test]
+fn the_daemon_runs_without_ubusd_and_publishes_once_ubusd_appears() {
+    let Some(owrt) = Userland::find("the_daemon_runs_without_ubusd") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-late");
+    let socket = dir.path().join("ubus.sock");
+    let key = key_file(dir.path());
+    // No ubusd at all, as on plain Linux: the daemon works as ever.
+    let daemon = start_daemon(dir.path(), "gw", None, "lo", unique_port(), &socket, &key);
+    daemon.set("early/1", "1");
+    assert_eq!(daemon.get("early/1").as_deref(), Some("1"));
+    let _bus = Ubusd::start(&owrt, &socket);
+    wait_for_object(&owrt, &socket);
+    let (status, got) = ubus(
+        &owrt,
+        &socket,
+        &["call", "gwsync", "get", r#"{"key":"early/1"}"#],
+    );
+    assert_eq!((status, got["value"].clone()), (OK, json!(1)));
 }
 
 #[test]
