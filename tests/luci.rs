@@ -595,4 +595,28 @@ fn luci_app_in_chromium() {
         exceptions.is_empty(),
         "page exceptions in settings: {exceptions:?}"
     );
+
+    // A third gateway on the bridge with another key: the status page says
+    // that it hears a key it cannot open, and from where.
+    let Some(mut stranger) = Router::new(&format!("{TEST}-stranger"), Flavor::Base) else {
+        return;
+    };
+    let other_key = common::gwsync(&["genkey"]);
+    assert_eq!(other_key.code, 0, "genkey: {other_key:?}");
+    stranger.install_package();
+    give_key(&stranger, &other_key.stdout);
+    stranger.enable_installed();
+    stranger.boot(bridge.port(2));
+    stranger.wait_lan_up();
+    stranger.wait_for("gwsync runs", Duration::from_secs(20), "gwsync status");
+    stranger.sh_ok("gwsync trigger");
+    browser.open("status", "!!document.querySelector('#gwsync-key-state')");
+    let key_state = browser.wait(
+        "(() => { const k = document.querySelector('#gwsync-key-state'); return k.dataset.state == 'other' && k.innerText; })()",
+    );
+    assert!(
+        key_state.as_str().unwrap().contains("10.73.0.3"),
+        "the other key's sender is not named: {key_state}"
+    );
+    browser.shot("status-other-key");
 }
