@@ -43,9 +43,9 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|output| output.status.success())
 }
 
-/// Copies the app's files where luci.mk's Package/install puts them
-/// (htdocs/ under /www, root/ under /), then does what its postinst does on
-/// a live system before the first boot would: nothing is cached yet.
+/// Copies the app's files where luci.mk's Package/install puts them:
+/// htdocs/ under /www, root/ under /. Its postinst (clear LuCI's caches,
+/// reload rpcd) has nothing to do before the router's first boot.
 fn install_luci_app(router: &Router) {
     for (from, to) in [("htdocs", "/www"), ("root", "/")] {
         let source = app_dir().join(from);
@@ -101,7 +101,7 @@ fn configure_luci(router: &Router) {
     assert_eq!(result.code, 0, "configure uhttpd and rpcd: {result:?}");
 }
 
-/// Both gateways share one group key, in the file uci's key_file names.
+/// The router's group key, in the file uci's key_file names.
 fn give_key(router: &Router, key: &str) {
     router.write("/etc/gwsync.key", key);
     std::fs::set_permissions(
@@ -231,20 +231,18 @@ impl Drop for Browser {
                 eprintln!("screenshot of the failure: {}", path.display());
             }
         }
-        // End of stdin: cdp.mjs closes Chromium and exits.
+        // End of stdin: cdp.mjs closes Chromium and exits; if it hangs, it
+        // is killed (Chromium then ends with the router's PID 1).
         drop(self.stdin.take());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let pid = self.driver.id();
-        std::thread::spawn(move || {
-            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(self.driver.try_wait(), Ok(None)) {
+            if std::time::Instant::now() >= deadline {
+                let _ = self.driver.kill();
+                break;
             }
-        });
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.driver.wait();
-        let _ = tx.send(());
     }
 }
 
