@@ -185,7 +185,12 @@ return view.extend({
 			E('div', { 'id': 'gwsync-missing', 'class': 'alert-message warning', 'style': st ? 'display:none' : '' },
 				_('The gwsync daemon does not answer on ubus: it is stopped, disabled or has no usable network. See Settings and the system log.')),
 			E('div', { 'class': 'cbi-section' }, [ this.overview.node ]),
-			E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Gateways heard')), this.peers.node ]),
+			E('div', { 'class': 'cbi-section' }, [
+				E('h3', {}, _('Gateways heard')),
+				E('div', { 'class': 'cbi-section-descr' },
+					_('While nothing changes, gateways in sync take turns to speak and may stay quiet for minutes; a change is sent at once.')),
+				this.peers.node
+			]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Recent changes')), this.changes.node ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Drops and errors')), this.attention.node ])
 		]);
