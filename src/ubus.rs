@@ -1,6 +1,8 @@
 //! The daemon as the ubus object `gwsync`, speaking the ubus protocol
-//! natively (no libubus, libubox or json-c linked: the binary stays one
-//! static file and the object costs a few KiB of flash).
+//! natively: no libubus, libubox or json-c linked, so the binary keeps no
+//! runtime dependency and the object costs about 31 KiB of code on mipsel
+//! (10 KiB xz-compressed, as on flash). Cargo feature `ubus`, on by
+//! default; without it src/ubus_off.rs stands in.
 //!
 //! On OpenWrt every component talks over ubus (netifd, procd, rpcd, LuCI),
 //! so the shared data set is reachable from shell (`ubus call`), C
