@@ -637,4 +637,22 @@ fn luci_app_in_chromium() {
     browser.wait(
         "window.gwsyncNoReload && [...document.querySelectorAll('#gwsync-changes .gwsync-change')].some(k => k.textContent == 'live/refresh')",
     );
+
+    // The daemon stopped: both pages say so instead of failing.
+    gateway.sh_ok("/etc/init.d/gwsync stop");
+    browser.wait(
+        "window.gwsyncNoReload && getComputedStyle(document.querySelector('#gwsync-missing')).display != 'none' \
+         && getComputedStyle(document.querySelector('#gwsync-sections')).display == 'none'",
+    );
+    let said = browser.open(
+        "data",
+        "getComputedStyle(document.querySelector('#gwsync-data-error')).display != 'none' \
+         && document.querySelector('#gwsync-data-error').textContent",
+    );
+    assert!(
+        said.as_str().unwrap().contains("does not answer"),
+        "data page without the daemon: {said}"
+    );
+    let exceptions = browser.exceptions();
+    assert!(exceptions.is_empty(), "page exceptions: {exceptions:?}");
 }

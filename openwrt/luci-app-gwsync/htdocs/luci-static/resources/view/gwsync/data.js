@@ -57,7 +57,8 @@ function preview(value) {
 
 // rpc.js rejects with an Error whose message names the ubus status.
 function describeError(err) {
-	var msg = (err && err.message) ? err.message : String(err);
+	// The first line: rpc.js appends a stack trace.
+	var msg = ((err && err.message) ? err.message : String(err)).split('\n')[0];
 
 	if (/PERMISSION_DENIED|Access denied/i.test(msg))
 		return _('Permission denied: this login may only read.');
@@ -65,6 +66,8 @@ function describeError(err) {
 		return _('Rejected by the daemon: bad key or value, or too large.');
 	if (/NOT_FOUND/i.test(msg))
 		return _('No such key (deleted meanwhile?).');
+	if (/Object not found/i.test(msg))
+		return _('The gwsync daemon does not answer on ubus: it is stopped, disabled or has no usable network.');
 	if (/UNKNOWN_ERROR/i.test(msg))
 		return _('The daemon could not store it (store full or I/O error).');
 	return msg;

@@ -155,10 +155,9 @@ return view.extend({
 	},
 
 	update: function(st) {
-		var missing = document.querySelector('#gwsync-missing');
-
-		if (missing)
-			missing.style.display = st ? 'none' : '';
+		// Without the daemon the tables would only show stale values.
+		this.missing.style.display = st ? 'none' : '';
+		this.sections.style.display = st ? '' : 'none';
 
 		if (!st)
 			return;
@@ -182,17 +181,19 @@ return view.extend({
 			E('h2', {}, _('Gateway sync: status')),
 			E('div', { 'class': 'cbi-map-descr' },
 				_('This gateway keeps one shared data set identical with every other gateway on the LAN that uses the same multicast group and key.')),
-			E('div', { 'id': 'gwsync-missing', 'class': 'alert-message warning', 'style': st ? 'display:none' : '' },
+			this.missing = E('div', { 'id': 'gwsync-missing', 'class': 'alert-message warning' },
 				_('The gwsync daemon does not answer on ubus: it is stopped, disabled or has no usable network. See Settings and the system log.')),
-			E('div', { 'class': 'cbi-section' }, [ this.overview.node ]),
-			E('div', { 'class': 'cbi-section' }, [
-				E('h3', {}, _('Gateways heard')),
-				E('div', { 'class': 'cbi-section-descr' },
-					_('While nothing changes, gateways in sync take turns to speak and may stay quiet for minutes; a change is sent at once.')),
-				this.peers.node
-			]),
-			E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Recent changes')), this.changes.node ]),
-			E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Drops and errors')), this.attention.node ])
+			this.sections = E('div', { 'id': 'gwsync-sections' }, [
+				E('div', { 'class': 'cbi-section' }, [ this.overview.node ]),
+				E('div', { 'class': 'cbi-section' }, [
+					E('h3', {}, _('Gateways heard')),
+					E('div', { 'class': 'cbi-section-descr' },
+						_('While nothing changes, gateways in sync take turns to speak and may stay quiet for minutes; a change is sent at once.')),
+					this.peers.node
+				]),
+				E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Recent changes')), this.changes.node ]),
+				E('div', { 'class': 'cbi-section' }, [ E('h3', {}, _('Drops and errors')), this.attention.node ])
+			])
 		]);
 
 		this.update(st);
