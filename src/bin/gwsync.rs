@@ -25,7 +25,7 @@ const USAGE: &str = "\
 usage:
   gwsync daemon [--interface IF]... [--group ADDR] [--port N] [--state-dir DIR]
                 [--socket PATH] [--key-file FILE | --open] [--node-id HEX]
-                [--log-level error|warn|info|debug] [--foreground]
+                [--log-level error|warn|info|debug] [--foreground [--syslog]]
                 [--max-entries N] [--max-store-bytes N] [--tombstone-lifetime-s N]
                 [--ubus-socket PATH (default /var/run/ubus/ubus.sock; \"\": off)]
   gwsync [--socket PATH] get KEY | set KEY JSON | del KEY | list [PREFIX]
@@ -126,23 +126,12 @@ fn no_more(rest: &[String]) -> Result<(), Failure> {
 
 // ---------------------------------------------------------------- logging
 
-fn init_logging(level: log::LevelFilter, foreground: bool) {
-    log::set_max_level(level);
-    if !foreground {
-        let formatter = syslog::Formatter3164 {
-            facility: syslog::Facility::LOG_DAEMON,
-            hostname: None,
-            process: "gwsync".into(),
-            pid: std::process::id(),
-        };
-        match syslog::unix(formatter) {
-            Ok(logger) => {
-                if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
-                    return;
-                }
-            }
-            Err(error) => eprintln!("gwsync: syslog unavailable ({error}); logging to stderr"),
-        }
+/// In the foreground the log goes to stderr, unless `--syslog` asks for
+/// syslog (the init script does: procd would log stderr at `err`); in the
+/// background there is no terminal, so it goes to syslog.
+fn init_logging(level: log::LevelFilter, foreground: bool, syslog: bool) {
+    if (syslog || !foreground) && gwsync::logging::log_to_syslog(level) {
+        return;
     }
     gwsync::logging::log_to_stderr(level);
 }
@@ -159,7 +148,7 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         gwsync::config::ConfigErrorKind::Io => error(failure.message),
     };
     let options = gwsync::config::Config::from_daemon_args(args, socket).map_err(config_failure)?;
-    init_logging(options.log_level, options.foreground);
+    init_logging(options.log_level, options.foreground, options.syslog);
     let driver_config = options.driver_config().map_err(|failure| Failure {
         // A missing key is not a typo: say it without the whole usage.
         code: EXIT_USAGE,

@@ -288,6 +288,13 @@ impl Daemon {
         serde_json::from_str(&result.stdout).unwrap()
     }
 
+    /// `status` when the daemon answers, `None` when it does not (refused
+    /// or gone): for tests of the control socket's own limits.
+    pub fn status_raw(&self) -> Option<serde_json::Value> {
+        let result = self.cli(&["status"]);
+        (result.code == 0).then(|| serde_json::from_str(&result.stdout).ok())?
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
