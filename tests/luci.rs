@@ -545,7 +545,7 @@ fn luci_app_in_chromium() {
         "page exceptions as viewer: {exceptions:?}"
     );
 
-    // Settings: Save & Apply restarts the daemon with the new option.
+    // Settings: Save & Apply restarts the daemon with the new options.
     browser.login("root", ROOT_PASSWORD);
     browser.open(
         "settings",
@@ -567,26 +567,34 @@ fn luci_app_in_chromium() {
         "unset"
     );
     browser.type_text("input[id$=port]", "");
+    browser.type_text("input[id$=max_entries]", "5000");
     browser.eval(
         "(() => { const s = document.querySelector('select[id$=log_level]'); s.value = 'debug'; \
          s.dispatchEvent(new Event('change', {bubbles: true})); return s.value; })()",
     );
     browser.click(".cbi-page-actions .cbi-button-apply");
     wait_until(
-        "Save & Apply restarts gwsync with --log-level debug",
+        "Save & Apply restarts gwsync with --log-level debug --max-entries 5000",
         Duration::from_secs(60),
         || {
             let (pid, command) = service(&gateway);
+            let has = |flag: &str, value: &str| {
+                command
+                    .windows(2)
+                    .any(|pair| pair[0] == flag && pair[1] == value)
+            };
             pid != 0
                 && pid != old_pid
-                && command
-                    .windows(2)
-                    .any(|pair| pair[0] == "--log-level" && pair[1] == "debug")
+                && has("--log-level", "debug")
+                && has("--max-entries", "5000")
         },
     );
     assert_eq!(
-        gateway.sh_ok("uci get gwsync.main.log_level").trim(),
-        "debug"
+        gateway
+            .sh_ok("uci get gwsync.main.log_level; uci get gwsync.main.max_entries")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["debug", "5000"]
     );
     browser.wait("!document.querySelector('.spinning') && !/Applying configuration/.test(document.body.innerText)");
     gateway.wait_for(
@@ -626,6 +634,11 @@ fn luci_app_in_chromium() {
     assert!(
         key_state.as_str().unwrap().contains("10.73.0.3"),
         "the other key's sender is not named: {key_state}"
+    );
+    let overview = browser.eval("document.querySelector('#gwsync-overview').innerText");
+    assert!(
+        overview.as_str().unwrap().contains("limits 5000 entries"),
+        "the new limit is not in force: {overview}"
     );
     browser.shot("status-other-key");
 
