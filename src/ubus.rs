@@ -752,8 +752,14 @@ impl<'a> Args<'a> {
         self.items.iter().rev().find(|item| item.name == name)
     }
 
+    /// An argument that is not null: JSON clients (LuCI) send null for
+    /// "not given".
+    fn given(&self, name: &str) -> Option<&Msg<'a>> {
+        self.get(name).filter(|item| item.kind != blob::TYPE_UNSPEC)
+    }
+
     fn string(&self, name: &str) -> Result<Option<&'a str>, MethodError> {
-        self.get(name)
+        self.given(name)
             .map(|item| {
                 item.str()
                     .map_err(|_| invalid(format!("\"{name}\" must be a string")))
@@ -767,7 +773,7 @@ impl<'a> Args<'a> {
     }
 
     fn count(&self, name: &str) -> Result<Option<usize>, MethodError> {
-        self.get(name)
+        self.given(name)
             .map(|item| {
                 item.int()
                     .ok()
@@ -1187,12 +1193,18 @@ impl Conn {
                     (Some(0), Some(id)) => {
                         self.registered = true;
                         counters.registrations += 1;
-                        log::info!("ubus: object {OBJECT_NAME} registered (id {id:08x})");
+                        log::info!(
+                            "ubus: object {OBJECT_NAME} registered (id {id:08x}); so far {counters:?}"
+                        );
                     }
                     (status, _) => {
-                        log::error!(
-                            "ubus: ubusd refused the object {OBJECT_NAME} (status {status:?}); is another gwsync running?"
-                        );
+                        // Retried every 2 s: logged at the 1st, 2nd, 4th, 8th... time.
+                        if (counters.refused + 1).is_power_of_two() {
+                            log::error!(
+                                "ubus: ubusd refused the object {OBJECT_NAME} (status {status:?}, {} time(s)); is another gwsync running?",
+                                counters.refused + 1
+                            );
+                        }
                         return Err(Lost::Refused);
                     }
                 }
@@ -1573,7 +1585,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(4000))]
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
 
             #[test]
             fn decoding_never_panics(bytes in message_bytes()) {

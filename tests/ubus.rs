@@ -281,6 +281,10 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
     let (_, page) = call("list", r#"{"prefix":"scene/","offset":1,"limit":1}"#);
     assert_eq!(page, json!({"keys": ["scene/movie"], "total": 2}));
     assert_eq!(call("list", "{}").1["total"], 3);
+    // null is "not given", as JSON clients such as LuCI send it.
+    let (_, all) = call("list", r#"{"prefix":null,"offset":null,"limit":null}"#);
+    assert_eq!(all["total"], 3);
+    assert_eq!(call("get", r#"{"key":null}"#).0, INVALID_ARGUMENT);
 
     let (status, dump) = call("dump", "{}");
     assert_eq!(status, OK);
@@ -366,6 +370,15 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
         assert!(message.contains(says), "{method} {shown}: {reply}");
     }
     assert_eq!(daemon.get("big"), None, "a refused value is not stored");
+
+    // A NUL in a string cannot cross ubus (blobmsg strings end at one).
+    daemon.set("nul", r#""a\u0000b""#);
+    let (status, reply) = call("get", r#"{"key":"nul"}"#);
+    assert_eq!(status, UNKNOWN_ERROR, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap_or_default().contains("NUL"),
+        "{reply}"
+    );
     assert_eq!(daemon.get("x"), None);
 }
 
@@ -435,6 +448,30 @@ fn the_daemon_runs_without_ubusd_and_publishes_once_ubusd_appears() {
         &["call", "gwsync", "get", r#"{"key":"early/1"}"#],
     );
     assert_eq!((status, got["value"].clone()), (OK, json!(1)));
+}
+
+#[test]
+fn a_second_daemon_on_one_ubusd_is_refused_and_takes_over_when_the_first_stops() {
+    let Some(owrt) = Userland::find("a_second_daemon_on_one_ubusd") else {
+        return;
+    };
+    let dir = TempDir::new("ubus-second");
+    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
+    let key = key_file(dir.path());
+    let port = unique_port();
+    let mut first = start_daemon(dir.path(), "first", None, "lo", port, &bus.socket, &key);
+    wait_for_object(&owrt, &bus.socket);
+    let second = start_daemon(dir.path(), "second", None, "lo", port, &bus.socket, &key);
+    wait_until("the second daemon says ubusd refused it", TIMEOUT, || {
+        second.log_text().contains("refused the object gwsync")
+    });
+    let owner = || ubus(&owrt, &bus.socket, &["call", "gwsync", "status"]).1["node_id"].clone();
+    assert_eq!(owner(), first.status()["node_id"]);
+    let successor = second.status()["node_id"].clone();
+    first.terminate();
+    wait_until("the second daemon owns the object", TIMEOUT, || {
+        owner() == successor
+    });
 }
 
 #[test]
