@@ -40,9 +40,11 @@
 //!   (`clients_closed_idle`); a `watch` client with nothing queued is never
 //!   idle;
 //! - [`CLIENTS_MAX`]: when full, a new client evicts the longest-idle client
-//!   that is between requests (`clients_evicted`); only when every client
-//!   is busy is the new one refused (`clients_refused`), logged at most once
-//!   per [`REFUSAL_LOG_INTERVAL_MS`] with the count.
+//!   that is between requests, else the one stalled longest half-way through
+//!   a request (for [`CLIENT_STALLED_REQUEST_MS`]) or a reply (for
+//!   [`CLIENT_STALLED_REPLY_MS`]) (`clients_evicted`); only when every client is making progress is the
+//!   new one refused (`clients_refused`), logged at most once per
+//!   [`REFUSAL_LOG_INTERVAL_MS`] with the count.
 //!
 //! Values are embedded as JSON (not as strings) so the socket is pleasant
 //! to use with `socat`; the daemon still takes them as raw text, so member
@@ -75,6 +77,17 @@ pub const CLIENT_QUEUED_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const CLIENT_IDLE_MS: u64 = 10_000;
 /// Connections served at once.
 pub const CLIENTS_MAX: usize = 32;
+/// When full, a client that sent part of a request and then nothing for
+/// this many milliseconds may be evicted for a new one (the CLI sends a
+/// request in one write; a local socket does not pause mid-line).
+pub const CLIENT_STALLED_REQUEST_MS: u64 = 50;
+/// When full, a client that has not read its reply for this many
+/// milliseconds may be evicted for a new one.
+pub const CLIENT_STALLED_REPLY_MS: u64 = 1_000;
+/// Connections accepted per [`ControlServer::process`] call, so a connect
+/// storm cannot keep the daemon in its accept loop; the rest wait in the
+/// kernel's backlog.
+pub const ACCEPTS_PER_PROCESS_MAX: usize = 64;
 /// At most one "refused a client" log line per this many milliseconds.
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -98,6 +111,8 @@ pub enum ErrorCode {
     ReloadFailed,
     /// The request is not understood.
     BadRequest,
+    /// The key holds the largest possible version; no write can be newer.
+    VersionExhausted,
 }
 
 impl ErrorCode {
@@ -111,6 +126,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted => "not_persisted",
             ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::VersionExhausted => "version_exhausted",
         }
     }
 
@@ -126,6 +142,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted,
             ErrorCode::ReloadFailed,
             ErrorCode::BadRequest,
+            ErrorCode::VersionExhausted,
         ]
         .into_iter()
         .find(|code| code.name() == name)
@@ -148,6 +165,7 @@ impl From<&SetError> for ErrorCode {
             SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
             SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
             SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
+            SetError::Write(WriteError::VersionExhausted) => ErrorCode::VersionExhausted,
             SetError::NotPersisted(_) => ErrorCode::NotPersisted,
         }
     }
@@ -254,7 +272,7 @@ impl ControlServer {
                 ),
             ));
         }
-        crate::config::check_dir_not_writable_by_others(parent, true)
+        crate::persist::check_dir_not_writable_by_others(parent, true)
             .map_err(|why| ControlError::Dir(path.to_owned(), why))?;
         if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).is_ok() {
@@ -323,9 +341,17 @@ impl ControlServer {
     /// Accepts, reads, answers and writes whatever is ready; never blocks.
     pub fn process(&mut self, driver: &mut Driver) {
         let now = self.now();
-        loop {
+        for _ in 0..ACCEPTS_PER_PROCESS_MAX {
             match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream, now),
+                Ok((stream, _)) => {
+                    if self.clients.len() >= CLIENTS_MAX {
+                        // Before choosing whom to evict or refuse, answer
+                        // what is waiting and reap clients that hung up (a
+                        // connect storm), so no pending request is lost.
+                        self.service(driver, now);
+                    }
+                    self.admit(stream, now);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
@@ -334,12 +360,7 @@ impl ControlServer {
                 }
             }
         }
-        for index in 0..self.clients.len() {
-            let status_extra = self.status_extra();
-            let client = &mut self.clients[index];
-            client.read(driver, now, &mut self.counters, &status_extra);
-            client.write(now);
-        }
+        self.service(driver, now);
         for client in &mut self.clients {
             if !client.broken
                 && client.may_time_out()
@@ -354,18 +375,44 @@ impl ControlServer {
         self.log_refusals(now);
     }
 
+    /// Reads, answers and writes for every client; drops those finished.
+    fn service(&mut self, driver: &mut Driver, now: u64) {
+        for client in &mut self.clients {
+            client.read(driver, now, &mut self.counters);
+            client.write(now);
+        }
+        self.clients
+            .retain(|client| !(client.broken || client.done_reading && client.outbox.is_empty()));
+    }
+
     fn admit(&mut self, stream: UnixStream, now: u64) {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         if self.clients.len() >= CLIENTS_MAX {
-            let idlest = self
-                .clients
-                .iter()
-                .enumerate()
-                .filter(|(_, client)| client.is_idle())
-                .min_by_key(|(_, client)| client.last_progress_ms)
-                .map(|(index, _)| index);
+            // Idle clients go first, then clients stalled half-way (a
+            // request never finished, a reply not read) for a while; a
+            // client that is making progress is never pushed out.
+            let longest_waiting = |stalled: bool| {
+                self.clients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, client)| {
+                        if stalled {
+                            let quiet = now.saturating_sub(client.last_progress_ms);
+                            if !client.outbox.is_empty() {
+                                quiet >= CLIENT_STALLED_REPLY_MS
+                            } else {
+                                !client.inbox.is_empty() && quiet >= CLIENT_STALLED_REQUEST_MS
+                            }
+                        } else {
+                            client.is_idle()
+                        }
+                    })
+                    .min_by_key(|(_, client)| client.last_progress_ms)
+                    .map(|(index, _)| index)
+            };
+            let idlest = longest_waiting(false).or_else(|| longest_waiting(true));
             match idlest {
                 Some(index) => {
                     self.clients.swap_remove(index);
@@ -409,10 +456,6 @@ impl ControlServer {
         }
     }
 
-    fn status_extra(&self) -> serde_json::Value {
-        serde_json::to_value(&self.counters).unwrap_or_default()
-    }
-
     /// Sends a change to every `watch` client.
     pub fn broadcast(&mut self, change: &ChangeEvent) {
         let line = change_line(change);
@@ -446,13 +489,7 @@ impl Drop for ControlServer {
 }
 
 impl Client {
-    fn read(
-        &mut self,
-        driver: &mut Driver,
-        now: u64,
-        counters: &mut ControlCounters,
-        status_extra: &serde_json::Value,
-    ) {
+    fn read(&mut self, driver: &mut Driver, now: u64, counters: &mut ControlCounters) {
         let mut buf = [0u8; 16 * 1024];
         // One request at a time: the next is taken only once the reply to
         // the previous one has left.
@@ -460,7 +497,7 @@ impl Client {
             if let Some(end) = self.inbox.iter().position(|&byte| byte == b'\n') {
                 let line: Vec<u8> = self.inbox.drain(..=end).collect();
                 counters.requests += 1;
-                let reply = self.answer(driver, &line[..end], counters, status_extra);
+                let reply = self.answer(driver, &line[..end], counters);
                 self.outbox.extend_from_slice(reply.as_bytes());
                 self.outbox.push(b'\n');
                 continue;
@@ -515,9 +552,8 @@ impl Client {
         driver: &mut Driver,
         line: &[u8],
         counters: &mut ControlCounters,
-        status_extra: &serde_json::Value,
     ) -> String {
-        match handle_request(driver, line, status_extra) {
+        match handle_request(driver, line, counters) {
             Ok(Answer::Reply(reply)) => reply,
             Ok(Answer::Watch) => {
                 self.watching = true;
@@ -711,7 +747,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
 fn handle_request(
     driver: &mut Driver,
     line: &[u8],
-    status_extra: &serde_json::Value,
+    counters: &ControlCounters,
 ) -> Result<Answer, (ErrorCode, String)> {
     let reply = match parse_request(line)? {
         Request::Get { key } => {
@@ -752,7 +788,7 @@ fn handle_request(
         }),
         Request::Status => {
             let mut status = driver.status();
-            status.control = Some(status_extra.clone());
+            status.control = serde_json::to_value(counters).ok();
             ok_reply(OkReply {
                 status: Some(status),
                 ..OkReply::default()

@@ -331,6 +331,7 @@ impl Driver {
         }
         let start = Instant::now();
         let mut engine = Engine::new(config.engine.clone(), node_id, rng.random(), 0);
+        engine.set_wall_clock(0, Self::wall_ms());
         if let Some(state) = &state {
             match state.load() {
                 Loaded::Empty => log::info!(
@@ -491,6 +492,7 @@ impl Driver {
         }
         self.receive();
         let now = self.now();
+        self.engine.set_wall_clock(now, Self::wall_ms());
         if self.engine.poll_timeout() <= now {
             self.engine.handle_timeout(now);
         }
@@ -507,6 +509,7 @@ impl Driver {
                 Ok((Received::Datagram(len), from)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    self.engine.set_wall_clock(now, Self::wall_ms());
                     let before = other_key_drops(self.engine.counters());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);
                     if other_key_drops(self.engine.counters()) != before {
@@ -627,12 +630,16 @@ impl Driver {
                 "the keys were not given in a key file: nothing to reload".to_owned()
             });
         };
-        let keys = match crate::config::load_key_file(&path) {
+        let keys = match read_key_file(&path) {
             Ok(keys) => keys,
             Err(error) => {
                 self.counters.key_reload_errors += 1;
-                log::error!("reload: {error}; keeping the keys in use");
-                return Err(format!("{error}; keeping the keys in use"));
+                let message = format!(
+                    "key file {}: {error}; keeping the keys in use",
+                    path.display()
+                );
+                log::error!("reload: {message}");
+                return Err(message);
             }
         };
         self.counters.key_reloads += 1;
@@ -1293,6 +1300,16 @@ impl Drop for Driver {
             log::error!("closing: {error}");
         }
     }
+}
+
+/// Reads a key file (1 or 2 keys, see [`crypto::parse_keys`]); a file
+/// others may read still works and is logged as a warning.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<GroupKey>, crypto::KeyFileError> {
+    let (keys, warning) = crypto::load_key_file(path)?;
+    if let Some(warning) = warning {
+        log::warn!("key file {}: {warning}", path.display());
+    }
+    Ok(keys)
 }
 
 /// "id 17 (fingerprint 0011..) sends, id 4 (..) accepted": names keys in

@@ -8,9 +8,9 @@
 //!   out-parameter is written only on success;
 //! - every string returned to C is freed with [`gwsync_free`];
 //! - every entry point runs inside a panic boundary ([`guard`]): a panic
-//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C. The release
-//!   profile aborts on panic anyway, but the OpenWrt SDK builds with
-//!   unwinding, so the boundary must be there.
+//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C and never an
+//!   abort of the C program: every profile that builds libgwsync.a
+//!   (release here, the OpenWrt SDK's) unwinds, so the boundary catches it.
 //!
 //! The handle wraps one [`Driver`] in a mutex, so every call is safe from
 //! any thread. Change events are taken from the driver under the lock and
@@ -569,6 +569,9 @@ fn c_code(code: ErrorCode) -> c_int {
         ErrorCode::StoreFull => GWSYNC_ERR_FULL,
         ErrorCode::NotPersisted => GWSYNC_ERR_NOT_PERSISTED,
         ErrorCode::ReloadFailed => GWSYNC_ERR_IO,
+        // No write can be newer than the stored version: a state, not an
+        // argument, problem.
+        ErrorCode::VersionExhausted => GWSYNC_ERR_STATE,
     }
 }
 
@@ -1206,6 +1209,33 @@ mod tests {
         ] {
             let error = driver_config(bad).err().unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(error.code, GWSYNC_ERR_INVALID, "{bad}");
+        }
+    }
+
+    #[test]
+    fn write_errors_map_to_one_c_code_each() {
+        use crate::engine::WriteError;
+        let cases = [
+            (SetError::InvalidJson("x".into()), GWSYNC_ERR_INVALID),
+            (
+                SetError::Write(WriteError::InvalidKey),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (
+                SetError::Write(WriteError::ValueTooLarge),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (SetError::Write(WriteError::StoreFull), GWSYNC_ERR_FULL),
+            (SetError::Write(WriteError::NotFound), GWSYNC_ERR_NOT_FOUND),
+            (
+                SetError::NotPersisted("No space left on device".into()),
+                GWSYNC_ERR_NOT_PERSISTED,
+            ),
+        ];
+        for (failure, code) in cases {
+            let message = failure.to_string();
+            let error = write_result(Err(failure)).unwrap_err();
+            assert_eq!((error.code, error.message), (code, message));
         }
     }
 

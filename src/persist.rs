@@ -102,7 +102,7 @@ impl StateDir {
             .mode(0o700)
             .create(dir)
             .map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
-        crate::config::check_dir_not_writable_by_others(dir, false)
+        check_dir_not_writable_by_others(dir, false)
             .map_err(|why| PersistError::Unsafe(dir.to_owned(), why))?;
         let meta = fs::metadata(dir).map_err(|error| PersistError::Dir(dir.to_owned(), error))?;
         let mode = meta.mode() & 0o7777;
@@ -205,6 +205,35 @@ impl StateDir {
             PersistError::Write(path, error)
         })
     }
+}
+
+/// Refuses a directory that users other than its owner (and root) may
+/// write into: anyone who can, can replace our files or our socket. A
+/// sticky directory (/tmp) is allowed when `sticky_ok`: there others can
+/// add names but not replace ours.
+pub fn check_dir_not_writable_by_others(dir: &Path, sticky_ok: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode();
+    let others_write = mode & 0o022 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if meta.uid() != uid && meta.uid() != 0 {
+        return Err(format!(
+            "{} belongs to uid {}, not to us (uid {uid}) or root: refusing to use it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if others_write && !(sticky_ok && sticky) {
+        return Err(format!(
+            "{} is writable by other users (mode {:04o}): they could replace gwsync's files; \
+             chmod go-w it or choose another directory",
+            dir.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 fn write_state(out: &mut impl Write, engine: &Engine) -> io::Result<()> {

@@ -519,11 +519,11 @@ fn demo() -> Result<(), Failure> {
             // What this gateway just sent, before anyone else reacts to it.
             while let Ok(net::Received::Datagram(len)) = observer.recv(&mut buf) {
                 last_datagram = Instant::now();
-                let datagram = &buf[..len];
-                let Ok(header) = wire::Header::parse(datagram) else {
+                let Ok(packet) = wire::Packet::new_checked(&buf[..len]) else {
                     continue;
                 };
-                let Ok(payload) = keyring.open(datagram) else {
+                let header = packet.header();
+                let Ok(payload) = keyring.open(&packet) else {
                     continue;
                 };
                 let Ok(message) = Message::parse_payload(header.message_type, &payload) else {
