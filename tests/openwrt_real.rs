@@ -283,6 +283,32 @@ fn hotplug_ifup_event_triggers_a_sync_in_the_running_daemon() {
 }
 
 #[test]
+fn netifd_address_change_reaches_the_running_daemon_through_hotplug() {
+    let Some(router) = booted("netifd_ifupdate") else {
+        return;
+    };
+    let pid = daemon_pid(&router);
+    let opens =
+        "gwsync --socket /var/run/gwsync.sock status | jsonfilter -e '@.counters.socket_opens'";
+    let before: u64 = router.sh_ok(opens).trim().parse().expect("socket_opens");
+    // A new address on lan: netifd restarts the interface (down, up within
+    // procd's trigger delay, so the daemon keeps running) and sends ifup
+    // itself, through hotplug-call to the package's script.
+    router.sh_ok("uci set network.lan.ipaddr=10.73.0.9 && uci commit network && reload_config");
+    router.wait_for(
+        "the hotplug script logged netifd's ifup",
+        WAIT,
+        "logread -e gwsync | grep -q 'ifup on lan (eth0): triggering a sync'",
+    );
+    router.wait_for(
+        "the daemon took the network-up trigger (a fresh socket)",
+        WAIT,
+        &format!("[ \"$({opens})\" -gt {before} ]"),
+    );
+    assert_eq!(daemon_pid(&router), pid, "restarted for a new address");
+}
+
+#[test]
 fn netifd_ifdown_stops_and_ifup_starts_the_daemon() {
     let Some(router) = booted("ifdown_ifup") else {
         return;
