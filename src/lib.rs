@@ -6,7 +6,7 @@
 //! - [`engine`]: the sans-IO core. Bytes and time in; datagrams, events and
 //!   the next deadline out. Deterministic: no sockets, clock or global RNG.
 //! - [`wire`]: the datagram format.
-//! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
+//! - `sim` (cargo feature `sim`): a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
 pub mod control;
@@ -17,5 +17,6 @@ pub mod ffi;
 pub mod logging;
 pub mod net;
 pub mod persist;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;
