@@ -382,7 +382,9 @@ pub struct Engine {
     push_due: Option<u64>,
     last_push_at: Option<u64>,
     bucket_digests_due: Option<DigestsDue>,
-    repair_queue: BTreeSet<u16>,
+    /// Buckets to send, each with the requester's digest of it when one
+    /// requester asked (`None`: send the whole bucket).
+    repair_queue: BTreeMap<u16, Option<u64>>,
     repair_due: Option<u64>,
     /// A repair of ours is under way (some of the queue already sent).
     repairing: bool,
@@ -426,7 +428,7 @@ impl Engine {
             push_due: None,
             last_push_at: None,
             bucket_digests_due: None,
-            repair_queue: BTreeSet::new(),
+            repair_queue: BTreeMap::new(),
             repair_due: None,
             repairing: false,
             loss_seen_at: None,
@@ -1027,7 +1029,17 @@ impl Engine {
                     .is_some_and(|(_, entry)| entry.version.origin == self.node_id);
                 if newest_is_ours || volunteer {
                     first_to_answer |= newest_is_ours;
-                    newly_queued |= self.repair_queue.insert(bucket);
+                    match self.repair_queue.entry(bucket) {
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            slot.insert(Some(theirs.digest));
+                            newly_queued = true;
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut slot) => {
+                            if *slot.get() != Some(theirs.digest) {
+                                slot.insert(None);
+                            }
+                        }
+                    }
                 }
             }
             if ours_rank <= theirs_rank {
@@ -1214,6 +1226,32 @@ impl Engine {
         sent
     }
 
+    /// How [`Engine::send_entries`] splits entries into datagrams: each
+    /// unit is one datagram, or one entry sent as fragments.
+    fn pack(&self, entries: &[(String, Entry)]) -> Vec<Vec<usize>> {
+        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let mut units = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (at, (key, entry)) in entries.iter().enumerate() {
+            let len = WireEntry::encoded_len(key, entry.value.as_deref());
+            if len > room {
+                units.push(vec![at]);
+                continue;
+            }
+            if batch_bytes + len > room {
+                units.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            batch.push(at);
+        }
+        if !batch.is_empty() {
+            units.push(batch);
+        }
+        units
+    }
+
     fn send_fragments(&mut self, key: &str, entry: &Entry) -> usize {
         let value = entry.value.as_deref().unwrap_or_default();
         let chunk_len = self.payload_bytes_max() - FRAGMENT_OVERHEAD - key.len();
@@ -1264,7 +1302,7 @@ impl Engine {
     }
 
     fn repair_next(&mut self, now: u64) {
-        let Some(bucket) = self.repair_queue.pop_first() else {
+        let Some((bucket, theirs)) = self.repair_queue.pop_first() else {
             self.repairing = false;
             return;
         };
@@ -1278,14 +1316,57 @@ impl Engine {
             .bucket_entries(bucket as usize)
             .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
             .collect();
-        let sent = self.send_entries(
-            Some(tag),
-            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        );
+        let units = self.pack(&entries);
+        let held = theirs.and_then(|digest| units_held(&entries, &units, digest));
+        let mut sent = 0;
+        for (index, unit) in units.iter().enumerate() {
+            if held.is_some_and(|mask| mask & (1 << index) != 0) {
+                continue;
+            }
+            sent += self.send_entries(
+                Some(tag),
+                unit.iter()
+                    .map(|&at| (entries[at].0.as_str(), &entries[at].1)),
+            );
+        }
+        if units.is_empty() {
+            // An empty bucket is told by an empty repair.
+            sent += self.send_entries(Some(tag), std::iter::empty());
+        }
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
     }
+}
+
+/// Units of a repair (see [`Engine::pack`]) a requester already holds, as
+/// a bit mask, found from its digest of the bucket: bucket digests are XORs
+/// of entry hashes, and a datagram is lost whole, so a requester that lost
+/// some datagrams of an earlier repair holds exactly some of its units.
+/// `None` when no set of units matches (it holds other versions) or there
+/// are too many units to try.
+fn units_held(entries: &[(String, Entry)], units: &[Vec<usize>], theirs: u64) -> Option<u64> {
+    const UNITS_TRIED_MAX: usize = 12;
+    if units.len() > UNITS_TRIED_MAX {
+        return None;
+    }
+    let unit_digests: Vec<u64> = units
+        .iter()
+        .map(|unit| {
+            unit.iter().fold(0, |digest, &at| {
+                let (key, entry) = &entries[at];
+                digest ^ store::entry_hash(key, entry.as_ref())
+            })
+        })
+        .collect();
+    (0..1u64 << units.len()).find(|mask| {
+        let digest = unit_digests
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| mask & (1 << index) != 0)
+            .fold(0, |digest, (_, unit)| digest ^ unit);
+        digest == theirs
+    })
 }
 
 #[cfg(test)]
