@@ -61,6 +61,8 @@ pub enum ErrorCode {
     StoreFull,
     /// The request is not understood.
     BadRequest,
+    /// The key holds the largest possible version; no write can be newer.
+    VersionExhausted,
 }
 
 impl ErrorCode {
@@ -72,6 +74,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::StoreFull => "store_full",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::VersionExhausted => "version_exhausted",
         }
     }
 }
@@ -295,6 +298,7 @@ fn write_error(error: SetError) -> (ErrorCode, String) {
         SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
         SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
         SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
+        SetError::Write(WriteError::VersionExhausted) => ErrorCode::VersionExhausted,
     };
     (code, error.to_string())
 }

@@ -242,6 +242,7 @@ impl Driver {
         }
         let start = Instant::now();
         let mut engine = Engine::new(config.engine.clone(), node_id, rng.random(), 0);
+        engine.set_wall_clock(0, Self::wall_ms());
         if let Some(state) = &state {
             match state.load() {
                 Loaded::Empty => log::info!(
@@ -394,6 +395,7 @@ impl Driver {
         }
         self.receive();
         let now = self.now();
+        self.engine.set_wall_clock(now, Self::wall_ms());
         if self.engine.poll_timeout() <= now {
             self.engine.handle_timeout(now);
         }
@@ -409,6 +411,7 @@ impl Driver {
                 Ok(Received::Datagram(len)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    self.engine.set_wall_clock(now, Self::wall_ms());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);
                 }
                 Ok(Received::Truncated(len)) => {

@@ -8,9 +8,9 @@
 //!   out-parameter is written only on success;
 //! - every string returned to C is freed with [`gwsync_free`];
 //! - every entry point runs inside a panic boundary ([`guard`]): a panic
-//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C. The release
-//!   profile aborts on panic anyway, but the OpenWrt SDK builds with
-//!   unwinding, so the boundary must be there.
+//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C and never an
+//!   abort of the C program: every profile that builds libgwsync.a
+//!   (release here, the OpenWrt SDK's) unwinds, so the boundary catches it.
 //!
 //! The handle wraps one [`Driver`] in a mutex, so every call is safe from
 //! any thread. Change events are taken from the driver under the lock and
@@ -619,6 +619,7 @@ fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
             SetError::Write(WriteError::ValueTooLarge) => GWSYNC_ERR_TOO_LARGE,
             SetError::Write(WriteError::StoreFull) => GWSYNC_ERR_FULL,
             SetError::Write(WriteError::NotFound) => GWSYNC_ERR_NOT_FOUND,
+            SetError::Write(WriteError::VersionExhausted) => GWSYNC_ERR_STATE,
         };
         error(code, e.to_string())
     })

@@ -122,14 +122,7 @@ pub enum Merged {
     Rejected(Rejected),
 }
 
-/// Digest state of one bucket, as exchanged during repair.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BucketSummary {
-    pub digest: u64,
-    pub count: u32,
-    /// The newest timestamp in the bucket: the method's "newer data" test.
-    pub max_hlc: Hlc,
-}
+pub use crate::proto::BucketSummary;
 
 #[derive(Clone, Debug, Default)]
 struct Bucket {
@@ -440,6 +433,13 @@ impl Store {
         self.entries = new_entries;
         self.bytes = self.bytes - old_size + new_size;
         Merged::Applied
+    }
+
+    /// Removes a key outright (no tombstone): for an entry this gateway
+    /// should never have taken, as one from beyond the clock bound after
+    /// our own clock was set back.
+    pub fn forget(&mut self, key: &str) {
+        self.remove(bucket_of(key), key);
     }
 
     fn remove(&mut self, bucket_index: usize, key: &str) {
