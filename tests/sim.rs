@@ -362,7 +362,8 @@ fn a_cloned_node_id_is_noticed_and_replaced() {
 #[test]
 fn random_topologies_and_faults_always_converge() {
     for seed in seeds(1000) {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
+        let mut rng =
+            <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
         let n = rng.random_range(2..=6);
         let medium = Medium {
             loss_percent: [0, 0, 10, 30][rng.random_range(0..4)],
@@ -454,7 +455,7 @@ fn byzantine_run(seed: u64) {
     sim.set_clock_offset(3, 2 * DAY);
     let mut oracle = Oracle::default();
     let mut wall_max = vec![0u64; 4];
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut rng = <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(seed);
     while sim.now() < attack_ms {
         let node = rng.random_range(0..3);
         let key = &targets[rng.random_range(0..targets.len())];

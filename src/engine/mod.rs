@@ -17,6 +17,7 @@ use std::fmt;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::crypto::{Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD};
 use crate::wire::{
@@ -28,6 +29,12 @@ use clock::{Clock, Hlc, Version, remote_limit};
 use reassembly::{Reassembly, ReassemblyLimits};
 use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits};
 use trickle::{Trickle, TrickleConfig};
+
+/// The generator behind every seeded random choice (engine timers, the
+/// simulator's medium). ChaCha8's stream is fixed by its specification,
+/// unlike `StdRng`'s, so a seed replays the same run after a dependency
+/// update.
+pub type SeededRng = ChaCha8Rng;
 
 pub use crate::proto::NodeId;
 
@@ -48,8 +55,9 @@ pub enum TriggerReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub trickle: TrickleConfig,
-    /// How long a write waits for more writes before it is pushed, so a
-    /// burst leaves in as few full datagrams as possible.
+    /// Writes that follow a push within this long wait for the end of it,
+    /// so a burst leaves in as few full datagrams as possible. The first
+    /// write after a quiet moment goes out at once.
     pub push_delay_ms: u64,
     /// Largest datagram sent, headers included.
     pub datagram_bytes_max: usize,
@@ -63,18 +71,37 @@ pub struct Config {
     /// Answers (bucket digests, repairs) wait a random time below this, so
     /// that one gateway answers and the others hear it and stay quiet.
     pub response_window_ms: u64,
+    /// A gateway that asked for a repair (sent its bucket digests because
+    /// it lacks something) asks again when no repair arrived for this long
+    /// and it still differs, at most `repair_requests_max` times per
+    /// difference heard.
+    pub repair_wait_ms: u64,
+    pub repair_requests_max: u32,
+    /// Besides the origin of a bucket's newest entry, which answers first,
+    /// about this many other gateways (drawn at random per request) stand
+    /// by to answer a repair request, so a request costs one answer, not
+    /// one per gateway that missed the first.
+    pub repair_volunteers: u32,
     /// Gap between repair datagrams from one gateway, so a large repair does
     /// not flood a Wi-Fi multicast link.
     pub repair_datagram_interval_ms: u64,
     /// A write pushed within this long after a lost datagram (or a
-    /// difference that needed repair) was noticed is followed by a few tail
-    /// summaries, so a peer that lost the push notices soon. On a clean LAN
+    /// difference that needed repair) was noticed is followed by a tail
+    /// summary, so a peer that lost the push notices soon. On a clean LAN
     /// the push alone is the whole update.
     pub loss_memory_ms: u64,
     /// How many tail summaries follow a push on a lossy LAN; they go out
-    /// after about `Imin/2`, `Imin`, `2 Imin`..., each skipped when a
-    /// summary equal to ours was heard since the previous one.
+    /// after about `Imin/4`, `Imin/2`, `Imin`..., each skipped when a
+    /// summary equal to ours was heard since the previous one. One is
+    /// enough: a gateway that also lost it is mended by the repair that the
+    /// others' requests bring, or asks again itself.
     pub tail_summaries: u32,
+    /// On a lossy LAN with at least this many peers a push of one datagram
+    /// is sent once more where the first tail summary would go (twice from
+    /// eight times as many), and the summary follows: most gateways that
+    /// lost the push then need no repair round at all. With fewer peers few
+    /// lose it, and a repair round costs less than a repeat to all.
+    pub tail_repeat_peers_min: usize,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
     /// datagram; at most one such probe per this interval.
@@ -114,9 +141,13 @@ impl Default for Config {
             reassembly: ReassemblyLimits::default(),
             quiet_period_ms: 320_000,
             response_window_ms: 40,
+            repair_wait_ms: 60,
+            repair_requests_max: 4,
+            repair_volunteers: 2,
             repair_datagram_interval_ms: 2,
-            loss_memory_ms: 3_600_000,
-            tail_summaries: 3,
+            loss_memory_ms: 600_000,
+            tail_summaries: 1,
+            tail_repeat_peers_min: 8,
             gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
@@ -362,13 +393,31 @@ impl Peer {
     }
 }
 
-/// Summaries scheduled after a push on a lossy LAN.
+/// Our bucket digests, scheduled.
 #[derive(Clone, Copy, Debug)]
+struct DigestsDue {
+    due: u64,
+    /// The digest of the gateway whose difference called for them; once
+    /// ours equals it they are moot.
+    against: u64,
+    /// Sent because we lack something (a repair request), rather than to
+    /// show a peer what it lacks: hearing the same request from another
+    /// gateway then only postpones ours, and it is repeated while no
+    /// repair comes.
+    request: bool,
+    requests_left: u32,
+}
+
+/// Summaries scheduled after a push on a lossy LAN.
+#[derive(Clone, Debug)]
 struct Tail {
     due: u64,
     gap_ms: u64,
     remaining: u32,
     consistent_heard: bool,
+    /// Keys of a one-datagram push to send again before the summaries.
+    repeat: Vec<String>,
+    repeats_left: u32,
 }
 
 /// The sync engine of one gateway.
@@ -404,18 +453,21 @@ pub struct Engine {
     nonce_rng: StdRng,
     clock: Clock,
     store: Store,
-    rng: StdRng,
+    rng: SeededRng,
     trickle: Trickle,
     reassembly: Reassembly,
     peers: BTreeMap<NodeId, Peer>,
     last_heard_other: u64,
     pending_push: BTreeSet<String>,
     push_due: Option<u64>,
-    /// When to send our bucket digests, and the digest of the gateway whose
-    /// difference called for them (if ours becomes equal, they are moot).
-    bucket_digests_due: Option<(u64, u64)>,
-    repair_queue: BTreeSet<u16>,
+    last_push_at: Option<u64>,
+    bucket_digests_due: Option<DigestsDue>,
+    /// Buckets to send, each with the requester's digest of it when one
+    /// requester asked (`None`: send the whole bucket).
+    repair_queue: BTreeMap<u16, Option<u64>>,
     repair_due: Option<u64>,
+    /// A repair of ours is under way (some of the queue already sent).
+    repairing: bool,
     /// When we last saw loss first-hand: a sequence gap, or a difference
     /// that needed repair. Advertised in our headers.
     loss_seen_at: Option<u64>,
@@ -443,7 +495,9 @@ pub struct Engine {
     repair_budget_bytes: i64,
     repair_budget_at: u64,
     /// When each bucket was last repaired by us.
-    bucket_repaired_at: Box<[Option<u64>; BUCKETS]>,
+    /// When each bucket was last sent in repair, and the requester's
+    /// digest of it then.
+    bucket_repaired_at: Box<[Option<(u64, u64)>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     counters: Counters,
@@ -454,7 +508,7 @@ impl Engine {
     /// An engine with an empty store, starting at monotonic time `now`.
     /// `seed` drives every random choice (timers, boot id, a new node id).
     pub fn new(config: Config, node_id: NodeId, seed: u64, now: u64) -> Engine {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SeededRng::seed_from_u64(seed);
         let trickle = Trickle::new(config.trickle, now, &mut rng);
         Engine {
             node_id,
@@ -471,9 +525,11 @@ impl Engine {
             last_heard_other: now,
             pending_push: BTreeSet::new(),
             push_due: None,
+            last_push_at: None,
             bucket_digests_due: None,
-            repair_queue: BTreeSet::new(),
+            repair_queue: BTreeMap::new(),
             repair_due: None,
+            repairing: false,
             loss_seen_at: None,
             loss_heard_at: None,
             now,
@@ -563,9 +619,12 @@ impl Engine {
     }
 
     /// True when nothing is pending but the periodic Trickle summary: no
-    /// push, answer or repair waiting to go out.
+    /// push, tail, answer or repair waiting to go out.
     pub fn is_idle(&self) -> bool {
-        self.push_due.is_none() && self.bucket_digests_due.is_none() && self.repair_queue.is_empty()
+        self.push_due.is_none()
+            && self.tail.is_none()
+            && self.bucket_digests_due.is_none()
+            && self.repair_queue.is_empty()
     }
 
     /// The current Trickle interval; at `Imax` the gateway is in steady state.
@@ -642,7 +701,14 @@ impl Engine {
             origin: self.node_id,
         });
         self.pending_push.insert(key.to_owned());
-        self.push_due.get_or_insert(now + self.config.push_delay_ms);
+        if self.push_due.is_none() {
+            // A lone write goes out at once; only writes that follow a
+            // push within the window wait, and leave together.
+            let window_end = self
+                .last_push_at
+                .map_or(now, |at| at + self.config.push_delay_ms);
+            self.push_due = Some(window_end.max(now));
+        }
         Ok(())
     }
 
@@ -708,8 +774,8 @@ impl Engine {
         [
             Some(self.trickle.next_deadline()),
             self.push_due,
-            self.tail.map(|tail| tail.due),
-            self.bucket_digests_due.map(|(due, _)| due),
+            self.tail.as_ref().map(|tail| tail.due),
+            self.bucket_digests_due.map(|digests| digests.due),
             self.repair_due,
             self.reassembly.next_deadline(),
             Some(self.last_heard_other + self.config.quiet_period_ms),
@@ -731,21 +797,35 @@ impl Engine {
         if self.trickle.on_timeout(now, &mut self.rng) {
             self.send_summary();
         }
-        if let Some(mut tail) = self.tail.filter(|tail| tail.due <= now) {
-            if !tail.consistent_heard {
-                self.send_summary();
+        if let Some(mut tail) = self.tail.take_if(|tail| tail.due <= now) {
+            if tail.repeats_left > 0 {
+                tail.repeats_left -= 1;
+                let keys = if tail.repeats_left == 0 {
+                    std::mem::take(&mut tail.repeat)
+                } else {
+                    tail.repeat.clone()
+                };
+                self.send_pushed(keys);
+            } else {
+                if !tail.consistent_heard {
+                    self.send_summary();
+                }
+                tail.remaining = tail.remaining.saturating_sub(1);
+                tail.consistent_heard = false;
             }
-            tail.remaining -= 1;
-            tail.consistent_heard = false;
-            tail.gap_ms *= 2;
             tail.due = now + tail.gap_ms;
+            tail.gap_ms *= 2;
             self.tail = (tail.remaining > 0).then_some(tail);
         }
-        if let Some((due, against)) = self.bucket_digests_due {
-            if due <= now {
-                self.bucket_digests_due = None;
-                if self.store.digest() != against {
-                    self.send_bucket_digests();
+        if let Some(mut digests) = self.bucket_digests_due.filter(|d| d.due <= now) {
+            self.bucket_digests_due = None;
+            if self.store.digest() != digests.against {
+                self.send_bucket_digests();
+                if digests.request && digests.requests_left > 1 {
+                    // Asked for a repair: ask again if none comes.
+                    digests.requests_left -= 1;
+                    digests.due = now + self.config.repair_wait_ms;
+                    self.bucket_digests_due = Some(digests);
                 }
             }
         }
@@ -825,22 +905,52 @@ impl Engine {
         if header.sender == self.node_id {
             return self.on_own_id(now, &message);
         }
-        if let Err(reason) = self.hear_peer(now, &header) {
-            return self.count_drop(reason);
-        }
+        let missed_some = match self.hear_peer(now, &header) {
+            Ok(missed_some) => missed_some,
+            Err(reason) => return self.count_drop(reason),
+        };
         if header.flags & wire::FLAG_LOSS_SEEN != 0 {
             self.loss_heard_at = Some(now);
         }
+        // Only a push tells of writes we may have missed; a summary or
+        // digests show any difference by themselves, and a missed repair is
+        // asked for again by the request it answered.
+        let push = match &message {
+            Message::Entries(entries) => entries.repair.is_none(),
+            Message::Fragment(_) => true,
+            Message::Summary(_) | Message::BucketDigests(_) => false,
+        };
         match message {
             Message::Summary(summary) => {
                 if let Some(peer) = self.peers.get_mut(&header.sender) {
                     peer.last_digest = Some(summary.digest);
                 }
-                self.on_summary(now, summary)
+                self.on_summary(now, summary, missed_some)
             }
             Message::Entries(entries) => self.on_entries(now, header.sender, entries),
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
             Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
+        }
+        // A sender that has seen loss follows its push with a tail itself.
+        let sender_tails = header.flags & wire::FLAG_LOSS_SEEN != 0;
+        if missed_some && push && !sender_tails {
+            self.probe_after_gap(now);
+        }
+    }
+
+    /// We missed a datagram from a peer. If it held data, a summary from us
+    /// soon shows the difference and starts the repair, instead of waiting
+    /// for the next Trickle summary (up to Imax away). One probe, at most
+    /// one per `gap_probe_interval_ms`: on a lossy LAN probes are lost too,
+    /// and each loss noticed must not set off a chain of probes.
+    fn probe_after_gap(&mut self, now: u64) {
+        let probed_lately = self
+            .last_gap_probe
+            .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
+        let exchanging = self.bucket_digests_due.is_some() || !self.repair_queue.is_empty();
+        if self.tail.is_none() && !probed_lately && !exchanging {
+            self.last_gap_probe = Some(now);
+            self.start_tail(now, 1);
         }
     }
 
@@ -913,7 +1023,8 @@ impl Engine {
     /// Records an authenticated datagram from a peer, or says why it must
     /// be dropped: a replay or a flood changes nothing, not even the
     /// quiet-period timer.
-    fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
+    /// Returns whether a datagram from this peer was missed before this one.
+    fn hear_peer(&mut self, now: u64, header: &Header) -> Result<bool, DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
         let keyed = self.keyring.is_some();
         let mut missed_some = false;
@@ -954,30 +1065,20 @@ impl Engine {
             }
         }
         if missed_some {
-            // We missed a datagram from this sender. If it held data, a
-            // summary from us soon shows the difference and starts the
-            // repair, instead of waiting for the next Trickle summary (up to
-            // Imax away).
-            // One probe, at most one per `gap_probe_interval_ms`: on a lossy
-            // LAN probes are lost too, and each loss noticed must not set
-            // off a chain of probes.
             self.loss_seen_at = Some(now);
-            let probed_lately = self
-                .last_gap_probe
-                .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
-            if self.tail.is_none() && !probed_lately {
-                self.last_gap_probe = Some(now);
-                self.start_tail(now, 1);
-            }
         }
         self.last_heard_other = now;
-        Ok(())
+        Ok(missed_some)
     }
 
-    fn on_summary(&mut self, now: u64, summary: Summary) {
+    /// `missed_some`: datagrams from its sender were lost just before it.
+    fn on_summary(&mut self, now: u64, summary: Summary, missed_some: bool) {
         if summary.clock > self.remote_limit() {
             return self.count_drop(DropReason::ClockAhead);
         }
+        // Newer than anything we have seen: the sender holds something we
+        // lack (a lost push, most likely), so our digests ask for it.
+        let behind = summary.clock > self.clock.high_water();
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
             self.difference_heard_at = None;
@@ -990,12 +1091,24 @@ impl Engine {
         self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
         // digests; whichever side holds newer buckets then sends them.
-        // Digests (up to 5 kB) answer a difference only when it is heard
-        // again after our own summary (which the reset sends soon) went
-        // out: a real peer that differs keeps saying so, one round later,
-        // while a single forged summary draws a few summaries, not 100x
-        // its size in digests.
-        self.trickle.reset(now, &mut self.rng);
+        //
+        // The fast path: the sender's summary is newer than anything we
+        // have seen and we just missed datagrams of its (a lost push and
+        // its repeats): our digests, if they fit one datagram, ask for the
+        // repair at once.
+        if behind && missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
+            self.difference_heard_at = None;
+            self.schedule_bucket_digests(now, summary.digest, true);
+            return;
+        }
+        // Otherwise digests (up to 5 kB) answer a difference only when it
+        // is heard again after our own summary (sent soon) went out: a real
+        // peer that differs keeps saying so, one round later, while a
+        // single forged summary draws a summary, not 100x its size in
+        // digests. One summary, not a Trickle reset (RFC 6206 rule 6): a
+        // reset would make every gateway that heard the difference send
+        // summaries through ten doublings back to Imax.
+        self.announce_soon(now);
         let digest = self.store.digest();
         let confirmed = match (self.difference_heard_at, self.announced) {
             (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
@@ -1005,14 +1118,57 @@ impl Engine {
             self.difference_heard_at.get_or_insert(now);
         } else if self.repair_queue.is_empty() {
             self.difference_heard_at = None;
-            self.schedule_bucket_digests(now, summary.digest);
+            self.schedule_bucket_digests(now, summary.digest, behind);
         }
     }
 
-    fn schedule_bucket_digests(&mut self, now: u64, against: u64) {
-        if self.bucket_digests_due.is_none() {
-            let due = now + self.random_delay();
-            self.bucket_digests_due = Some((due, against));
+    fn schedule_bucket_digests(&mut self, now: u64, against: u64, request: bool) {
+        match self.bucket_digests_due.as_mut() {
+            Some(digests) => {
+                if request && !digests.request {
+                    digests.request = true;
+                    digests.against = against;
+                }
+            }
+            None => {
+                // A request waits half as long as an answer: it is what the
+                // answers wait for.
+                let delay = if request {
+                    self.random_delay() / 2
+                } else {
+                    self.random_delay()
+                };
+                self.bucket_digests_due = Some(DigestsDue {
+                    due: now + delay,
+                    against,
+                    request,
+                    requests_left: self.config.repair_requests_max.max(1),
+                });
+            }
+        }
+    }
+
+    /// Our summary goes out soon (unless an equal one is heard first).
+    fn announce_soon(&mut self, now: u64) {
+        if self.tail.is_none() {
+            self.start_tail(now, 1);
+        }
+    }
+
+    /// Whether our bucket digests fit in one datagram.
+    fn digests_fit_one(&self) -> bool {
+        let per_datagram = (self.payload_bytes_max() - BUCKET_DIGESTS_PREFIX) / BUCKET_DIGEST_LEN;
+        (0..BUCKETS)
+            .filter(|&bucket| self.store.bucket_summary(bucket).count > 0)
+            .nth(per_datagram)
+            .is_none()
+    }
+
+    /// A repair request like ours is out (or a repair is arriving): ours
+    /// waits, and goes only if we still differ by then.
+    fn postpone_repair_request(&mut self, now: u64) {
+        if let Some(digests) = self.bucket_digests_due.as_mut().filter(|d| d.request) {
+            digests.due = digests.due.max(now + self.config.repair_wait_ms);
         }
     }
 
@@ -1054,7 +1210,7 @@ impl Engine {
         merged
     }
 
-    fn on_entries(&mut self, now: u64, _sender: NodeId, entries: Entries) {
+    fn on_entries(&mut self, now: u64, sender: NodeId, entries: Entries) {
         let mut sender_is_behind = false;
         for entry in entries.entries {
             let stored_newer = self
@@ -1065,7 +1221,7 @@ impl Engine {
             sender_is_behind |= stored_newer;
         }
         if let Some(tag) = entries.repair {
-            self.hear_repair(now, tag);
+            self.hear_repair(now, sender, tag);
         }
         if sender_is_behind {
             // Method step 4: we hold newer data than what we heard, so we
@@ -1074,16 +1230,25 @@ impl Engine {
         }
     }
 
-    /// Another gateway is answering a repair. If it sent what we would have
-    /// sent for that bucket, drop it from our queue; either way let it go on
-    /// alone for a while, so one gateway answers instead of all of them.
-    fn hear_repair(&mut self, now: u64, tag: RepairTag) {
+    /// Another gateway is answering a repair request. If it sent a bucket
+    /// of our queue holding what we hold, it answers for us too: we drop
+    /// our whole queue
+    /// (the requester asks again for anything still missing) unless ours
+    /// started first; of two that started, the lower node id goes on.
+    /// Otherwise let it go on alone for a while.
+    fn hear_repair(&mut self, now: u64, sender: NodeId, tag: RepairTag) {
+        self.postpone_repair_request(now);
         let bucket = tag.bucket as usize % BUCKETS;
-        if self.store.bucket_summary(bucket).digest == tag.digest {
-            self.repair_queue.remove(&tag.bucket);
+        let same_data = self.store.bucket_summary(bucket).digest == tag.digest;
+        if same_data && self.repair_queue.remove(&tag.bucket).is_some() {
+            // It serves what we would: the same request, most likely.
+            if !self.repairing || sender < self.node_id {
+                self.repair_queue.clear();
+            }
         }
         if self.repair_queue.is_empty() {
             self.repair_due = None;
+            self.repairing = false;
         } else if let Some(due) = self.repair_due {
             let defer = now + self.config.response_window_ms + self.random_delay();
             self.repair_due = Some(due.max(defer));
@@ -1128,14 +1293,20 @@ impl Engine {
             return self.count_drop(DropReason::ClockAhead);
         }
         if digests.digest == self.store.digest() {
-            // An answer identical to ours is already out.
-            self.bucket_digests_due = None;
+            // An answer identical to ours is already out. A request of ours
+            // only waits: the one heard may go unanswered for us.
+            if self.bucket_digests_due.is_some_and(|d| d.request) {
+                self.postpone_repair_request(now);
+            } else {
+                self.bucket_digests_due = None;
+            }
             return;
         }
         self.loss_seen_at = Some(now);
         let mut listed = digests.buckets.iter().peekable();
         let mut we_need = false;
-        let mut newly_queued = false;
+        // Buckets we hold newer, with the requester's digest of each.
+        let mut ours_newer: Vec<(u16, u64)> = Vec::new();
         for bucket in digests.first..digests.end.min(BUCKETS as u16) {
             let theirs = match listed.peek() {
                 Some(&&(index, summary)) if index == bucket => {
@@ -1155,25 +1326,67 @@ impl Engine {
             let theirs_rank = (theirs.max_hlc, theirs.count);
             if ours_rank >= theirs_rank {
                 let interval = self.config.repair_bucket_interval_ms;
-                let repaired_lately = self.bucket_repaired_at[bucket as usize]
-                    .is_some_and(|at| now.saturating_sub(at) < interval);
+                let repaired_lately =
+                    self.bucket_repaired_at[bucket as usize].is_some_and(|(at, digest)| {
+                        now.saturating_sub(at) < interval && digest == theirs.digest
+                    });
                 if repaired_lately {
-                    // Served within the window: that answer serves this
-                    // request too, however many arrive.
+                    // Served within the window to a requester holding the
+                    // same: that answer serves this request too, however
+                    // many arrive. A requester that got part of it asks
+                    // with another digest, and is served the rest.
                     self.counters.repairs_paced += 1;
                 } else {
-                    newly_queued |= self.repair_queue.insert(bucket);
+                    ours_newer.push((bucket, theirs.digest));
                 }
             }
             if ours_rank <= theirs_rank {
                 we_need = true;
             }
         }
+        // One answer, not one per gateway: the origin of the newest entry
+        // among what we would send (the writer of a lost push; whoever
+        // wrote last, for a join) answers within the first quarter of the
+        // window. About `repair_volunteers` others, drawn per request, stand
+        // by for the rest of it in case the origin is gone or missed the
+        // request; the rest stay quiet, and a request that goes unanswered
+        // is asked again.
+        let newest_is_ours = ours_newer
+            .iter()
+            .flat_map(|&(bucket, _)| self.store.bucket_entries(bucket as usize))
+            .map(|(_, entry)| entry.version)
+            .max()
+            .is_some_and(|version| version.origin == self.node_id);
+        let volunteers = self.config.repair_volunteers as u64;
+        let others = self.peers.len().max(1) as u64;
+        let volunteer = !ours_newer.is_empty() && self.rng.random_range(0..others) < volunteers;
+        let mut newly_queued = false;
+        if newest_is_ours || volunteer {
+            for (bucket, theirs) in ours_newer {
+                match self.repair_queue.entry(bucket) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Some(theirs));
+                        newly_queued = true;
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut slot) => {
+                        if *slot.get() != Some(theirs) {
+                            slot.insert(None);
+                        }
+                    }
+                }
+            }
+        }
         if newly_queued && self.repair_due.is_none() {
-            self.repair_due = Some(now + self.random_delay());
+            let window = self.config.response_window_ms.max(4);
+            let delay = if newest_is_ours {
+                self.rng.random_range(0..window / 4)
+            } else {
+                window / 4 + self.rng.random_range(0..window - window / 4)
+            };
+            self.repair_due = Some(now + delay);
         }
         if we_need {
-            self.schedule_bucket_digests(now, digests.digest);
+            self.schedule_bucket_digests(now, digests.digest, true);
         }
     }
 
@@ -1253,7 +1466,28 @@ impl Engine {
     }
 
     fn flush_push(&mut self, now: u64) {
-        let keys = std::mem::take(&mut self.pending_push);
+        self.last_push_at = Some(now);
+        let keys: Vec<String> = std::mem::take(&mut self.pending_push).into_iter().collect();
+        let sent = self.send_pushed(keys.clone());
+        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
+        if lossy {
+            self.start_tail(now, self.config.tail_summaries);
+            let peers = self.peers.len();
+            let repeat_min = self.config.tail_repeat_peers_min.max(1);
+            let repeats = if peers >= 8 * repeat_min {
+                2
+            } else {
+                u32::from(peers >= repeat_min)
+            };
+            if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && repeats > 0) {
+                tail.repeat = keys;
+                tail.repeats_left = repeats;
+            }
+        }
+    }
+
+    /// Pushes the current entries of `keys`; returns the datagrams sent.
+    fn send_pushed(&mut self, keys: Vec<String>) -> usize {
         let entries: Vec<(String, Entry)> = keys
             .into_iter()
             .filter_map(|key| self.store.get(&key).map(|entry| (key, entry.to_owned())))
@@ -1261,27 +1495,25 @@ impl Engine {
         self.send_entries(
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        );
-        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
-        if lossy {
-            self.start_tail(now, self.config.tail_summaries);
-        }
+        )
     }
 
-    /// Schedules `count` tail summaries: the first in `[Imin/4, Imin/2)`
+    /// Schedules `count` tail summaries: the first in `[Imin/8, Imin/4)`
     /// (long after the push itself has crossed a LAN, soon enough that a
-    /// repair fits in a few hundred ms even when a tail is lost too), the
-    /// next ones after doubling gaps from `Imin/2`.
+    /// repair fits in well under 100 ms), the next ones after doubling gaps
+    /// from `Imin/4`.
     fn start_tail(&mut self, now: u64, count: u32) {
         if count == 0 {
             return;
         }
-        let imin = self.config.trickle.imin_ms.max(4);
+        let imin = self.config.trickle.imin_ms.max(8);
         self.tail = Some(Tail {
-            due: now + imin / 4 + self.rng.random_range(0..imin / 4),
-            gap_ms: imin / 2,
+            due: now + imin / 8 + self.rng.random_range(0..imin / 8),
+            gap_ms: imin / 4,
             remaining: count,
             consistent_heard: false,
+            repeat: Vec::new(),
+            repeats_left: 0,
         });
     }
 
@@ -1325,6 +1557,32 @@ impl Engine {
             sent += 1;
         }
         sent
+    }
+
+    /// How [`Engine::send_entries`] splits entries into datagrams: each
+    /// unit is one datagram, or one entry sent as fragments.
+    fn pack(&self, entries: &[(String, Entry)]) -> Vec<Vec<usize>> {
+        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let mut units = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (at, (key, entry)) in entries.iter().enumerate() {
+            let len = WireEntry::encoded_len(key, entry.value.as_deref());
+            if len > room {
+                units.push(vec![at]);
+                continue;
+            }
+            if batch_bytes + len > room {
+                units.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            batch.push(at);
+        }
+        if !batch.is_empty() {
+            units.push(batch);
+        }
+        units
     }
 
     fn send_fragments(&mut self, key: &str, entry: &Entry) -> usize {
@@ -1399,10 +1657,12 @@ impl Engine {
             self.repair_due = Some(ready_at);
             return;
         }
-        let Some(bucket) = self.repair_queue.pop_first() else {
+        let Some((bucket, theirs)) = self.repair_queue.pop_first() else {
+            self.repairing = false;
             return;
         };
-        self.bucket_repaired_at[bucket as usize] = Some(now);
+        self.repairing = !self.repair_queue.is_empty();
+        self.bucket_repaired_at[bucket as usize] = Some((now, theirs.unwrap_or_default()));
         let bytes_before = self.counters.bytes_sent;
         let tag = RepairTag {
             bucket,
@@ -1413,16 +1673,59 @@ impl Engine {
             .bucket_entries(bucket as usize)
             .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
             .collect();
-        let sent = self.send_entries(
-            Some(tag),
-            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        );
+        let units = self.pack(&entries);
+        let held = theirs.and_then(|digest| units_held(&entries, &units, digest));
+        let mut sent = 0;
+        for (index, unit) in units.iter().enumerate() {
+            if held.is_some_and(|mask| mask & (1 << index) != 0) {
+                continue;
+            }
+            sent += self.send_entries(
+                Some(tag),
+                unit.iter()
+                    .map(|&at| (entries[at].0.as_str(), &entries[at].1)),
+            );
+        }
+        if units.is_empty() {
+            // An empty bucket is told by an empty repair.
+            sent += self.send_entries(Some(tag), std::iter::empty());
+        }
         let bytes = self.counters.bytes_sent - bytes_before;
         self.repair_budget_bytes = self.repair_budget_bytes.saturating_sub(bytes as i64);
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
     }
+}
+
+/// Units of a repair (see [`Engine::pack`]) a requester already holds, as
+/// a bit mask, found from its digest of the bucket: bucket digests are XORs
+/// of entry hashes, and a datagram is lost whole, so a requester that lost
+/// some datagrams of an earlier repair holds exactly some of its units.
+/// `None` when no set of units matches (it holds other versions) or there
+/// are too many units to try.
+fn units_held(entries: &[(String, Entry)], units: &[Vec<usize>], theirs: u64) -> Option<u64> {
+    const UNITS_TRIED_MAX: usize = 12;
+    if units.len() > UNITS_TRIED_MAX {
+        return None;
+    }
+    let unit_digests: Vec<u64> = units
+        .iter()
+        .map(|unit| {
+            unit.iter().fold(0, |digest, &at| {
+                let (key, entry) = &entries[at];
+                digest ^ store::entry_hash(key, entry.as_ref())
+            })
+        })
+        .collect();
+    (0..1u64 << units.len()).find(|mask| {
+        let digest = unit_digests
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| mask & (1 << index) != 0)
+            .fold(0, |digest, (_, unit)| digest ^ unit);
+        digest == theirs
+    })
 }
 
 #[cfg(test)]
