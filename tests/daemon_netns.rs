@@ -341,6 +341,14 @@ fn keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one() 
                 assert_eq!(reply.code, 0, "{reply:?}");
             }
             reloads += 1;
+            // Writes interleave with every reload, however fast the group
+            // syncs: wait for two more acknowledged ones.
+            let written = acknowledged.lock().unwrap().len();
+            wait_until(
+                &format!("writes flow after reload {reloads}"),
+                SYNC_TIMEOUT,
+                || acknowledged.lock().unwrap().len() >= written + 2,
+            );
             let sending = fingerprint(keys[0]);
             wait_until(
                 &format!("gw{index} sends with the key of step {step}"),
