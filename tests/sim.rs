@@ -362,7 +362,8 @@ fn a_cloned_node_id_is_noticed_and_replaced() {
 #[test]
 fn random_topologies_and_faults_always_converge() {
     for seed in seeds(1000) {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
+        let mut rng =
+            <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
         let n = rng.random_range(2..=6);
         let medium = Medium {
             loss_percent: [0, 0, 10, 30][rng.random_range(0..4)],

@@ -15,10 +15,10 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Gateway, Persisted, Sim};
+use crate::engine::SeededRng;
 use crate::engine::store::BUCKETS;
 use crate::proto::{BucketSummary, Hlc, NodeId, Version};
 use crate::wire::{
@@ -43,7 +43,7 @@ pub struct ForgerCounts {
 
 /// A lying peer (see the module doc).
 pub struct Forger {
-    rng: StdRng,
+    rng: SeededRng,
     node_id: NodeId,
     boot: u32,
     seq: u32,
@@ -69,7 +69,7 @@ impl Forger {
         active_until: u64,
         targets: Vec<String>,
     ) -> Forger {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SeededRng::seed_from_u64(seed);
         Forger {
             node_id: NodeId(rng.random()),
             boot: rng.random(),
