@@ -7,11 +7,12 @@
 //!     cargo run --release --example simbench -- --seeds 10 --n 3,8 --loss 0,10
 //!     cargo run --release --example simbench -- --snapshot  # the plan tests/sim.rs checks
 //!     ... --join-keys 0 --partition-writes 0    # update figures only
+//!     ... --gwsync-only                          # while tuning
 //!     cargo run --release --example simbench -- --attacks  # attack rows only
 
 use std::time::Instant;
 
-use gwsync::sim::bench::{self, Plan, TABLE_HEADER};
+use gwsync::sim::bench::{self, Plan, System, TABLE_HEADER};
 use gwsync::sim::byzantine;
 
 fn main() {
@@ -49,6 +50,9 @@ fn main() {
     }
     if let Some(writes) = option("--partition-writes") {
         plan.partition_writes = writes.parse().expect("--partition-writes takes a number");
+    }
+    if args.iter().any(|a| a == "--gwsync-only") {
+        plan.systems = vec![System::Gwsync];
     }
     let started = Instant::now();
     if args.iter().any(|a| a == "--attacks") {

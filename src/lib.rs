@@ -11,7 +11,8 @@
 //!   payload codecs.
 //! - [`crypto`]: sealing and opening datagrams under the group key, and the
 //!   replay window.
-//! - `sim` (cargo feature `sim`): a deterministic multicast LAN simulator that runs many engines
+//! - `sim` (cargo feature `sim`): a deterministic multicast LAN simulator
+//!   that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
 pub mod control;

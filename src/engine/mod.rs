@@ -30,13 +30,13 @@ use reassembly::{Reassembly, ReassemblyLimits};
 use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits};
 use trickle::{Trickle, TrickleConfig};
 
-pub use crate::proto::NodeId;
-
 /// The generator behind every seeded random choice (engine timers, the
 /// simulator's medium). ChaCha8's stream is fixed by its specification,
 /// unlike `StdRng`'s, so a seed replays the same run after a dependency
 /// update.
 pub type SeededRng = ChaCha8Rng;
+
+pub use crate::proto::NodeId;
 
 /// Why a sync was requested from outside (method step 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,13 +124,6 @@ pub struct Config {
     /// A bucket repaired is not repaired again within this long, however
     /// many requests for it arrive: one answer per window serves them all.
     pub repair_bucket_interval_ms: u64,
-    /// Bucket digests we send because of a peer's summary or digests may
-    /// total this many times the bytes that peer sent us (its answer
-    /// credit), so no datagram draws more than this factor from us. QUIC's
-    /// anti-amplification limit, with room for a real peer's exchange.
-    pub answer_bytes_per_byte_max: u64,
-    /// Cap on a peer's answer credit, in bytes.
-    pub answer_credit_bytes_max: u64,
 }
 
 impl Default for Config {
@@ -161,10 +154,8 @@ impl Default for Config {
             purge_interval_ms: 60_000,
             clock_ahead_max_ms: 300_000,
             node_id_change_interval_ms: 600_000,
-            repair_bytes_per_sec_max: 1024 * 1024,
+            repair_bytes_per_sec_max: 512 * 1024,
             repair_bucket_interval_ms: 1_000,
-            answer_bytes_per_byte_max: 40,
-            answer_credit_bytes_max: 64 * 1024,
         }
     }
 }
@@ -304,9 +295,6 @@ pub struct Counters {
     pub repairs_paced: u64,
     /// Times repair waited for `repair_bytes_per_sec_max`.
     pub repair_budget_waits: u64,
-    /// Bucket digests not sent: the peer that called for them had not sent
-    /// enough to earn them (`answer_bytes_per_byte_max`).
-    pub answers_over_credit: u64,
     /// Partial large values evicted to make room for a sender using less
     /// reassembly memory.
     pub reassembly_evictions: u64,
@@ -314,7 +302,6 @@ pub struct Counters {
     /// others' are forgotten (the group refuses them too), ours written
     /// again with a version from the corrected clock.
     pub future_entries_forgotten: u64,
-    pub future_writes_restamped: u64,
     pub dropped: BTreeMap<DropReason, u64>,
 }
 
@@ -328,8 +315,6 @@ pub struct Peer {
     /// costs the others nothing.
     tokens: u32,
     tokens_at: u64,
-    /// Bytes of answers (bucket digests) this peer's datagrams have earned.
-    answer_credit: u64,
 }
 
 impl Peer {
@@ -339,7 +324,6 @@ impl Peer {
             window: ReplayWindow::new(header.boot, header.seq),
             tokens: rate_max,
             tokens_at: now,
-            answer_credit: 0,
         }
     }
 
@@ -371,9 +355,6 @@ struct DigestsDue {
     /// repair comes.
     request: bool,
     requests_left: u32,
-    /// The peer whose datagram called for them, charged for each sending
-    /// (`None`: a join, paced instead).
-    charge_to: Option<NodeId>,
 }
 
 /// Summaries scheduled after a push on a lossy LAN.
@@ -430,7 +411,9 @@ pub struct Engine {
     push_due: Option<u64>,
     last_push_at: Option<u64>,
     bucket_digests_due: Option<DigestsDue>,
-    repair_queue: BTreeSet<u16>,
+    /// Buckets to send, each with the requester's digest of it when one
+    /// requester asked (`None`: send the whole bucket).
+    repair_queue: BTreeMap<u16, Option<u64>>,
     repair_due: Option<u64>,
     /// A repair of ours is under way (some of the queue already sent).
     repairing: bool,
@@ -451,13 +434,19 @@ pub struct Engine {
     /// Our physical clock when we started: clash evidence must be newer.
     started_physical_ms: Option<u64>,
     last_node_id_change: Option<u64>,
+    /// The digest of our last summary, and when it went out.
+    announced: Option<(u64, u64)>,
+    /// When a summary differing from our data was first heard since the
+    /// last consistent one. Bucket digests answer a difference only when it
+    /// is heard again after our own summary went out (see `on_summary`).
+    difference_heard_at: Option<u64>,
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
-    /// When we last answered an empty store's summary (a join).
-    join_answered_at: Option<u64>,
     /// When each bucket was last repaired by us.
-    bucket_repaired_at: Box<[Option<u64>; BUCKETS]>,
+    /// When each bucket was last sent in repair, and the requester's
+    /// digest of it then.
+    bucket_repaired_at: Box<[Option<(u64, u64)>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     counters: Counters,
@@ -487,7 +476,7 @@ impl Engine {
             push_due: None,
             last_push_at: None,
             bucket_digests_due: None,
-            repair_queue: BTreeSet::new(),
+            repair_queue: BTreeMap::new(),
             repair_due: None,
             repairing: false,
             loss_seen_at: None,
@@ -499,9 +488,10 @@ impl Engine {
             wall_offset_ms: None,
             started_physical_ms: None,
             last_node_id_change: None,
+            announced: None,
+            difference_heard_at: None,
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
-            join_answered_at: None,
             bucket_repaired_at: Box::new([None; BUCKETS]),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -625,6 +615,17 @@ impl Engine {
         self.store.check(key, value)?;
         self.set_wall_clock(now, wall_ms);
         let ticked = self.clock.tick(wall_ms, self.config.clock_ahead_max_ms);
+        // A stored version beyond the bound (taken while our own clock ran
+        // ahead) is one the group refuses: a write replaces it rather than
+        // following it, or the write would be refused too.
+        if self
+            .store
+            .get(key)
+            .is_some_and(|stored| stored.version.hlc > self.remote_limit())
+        {
+            self.store.forget(key);
+            self.counters.future_entries_forgotten += 1;
+        }
         // Per key, a write must be newer than what is stored, whatever the
         // clock says (see clock.rs); the largest version has no successor.
         let floor = match self.store.get(key) {
@@ -759,7 +760,7 @@ impl Engine {
         }
         if let Some(mut digests) = self.bucket_digests_due.filter(|d| d.due <= now) {
             self.bucket_digests_due = None;
-            if self.store.digest() != digests.against && self.charge_answer(digests.charge_to) {
+            if self.store.digest() != digests.against {
                 self.send_bucket_digests();
                 if digests.request && digests.requests_left > 1 {
                     // Asked for a repair: ask again if none comes.
@@ -798,8 +799,8 @@ impl Engine {
     /// After our own clock was set back (it ran ahead), entries stored
     /// while it was ahead can lie beyond the bound: every other gateway
     /// refuses them, so keeping them would split us from the group until
-    /// real time reaches them. Ours are written again now (the write is
-    /// kept, with a version the group takes); others' are forgotten, and
+    /// real time reaches them. They are forgotten (ours too: written again
+    /// at the old version, a write would beat later writes of others), and
     /// repair brings back what the group holds for those keys.
     fn recheck_clock_bound(&mut self, now: u64) {
         let limit = self.remote_limit();
@@ -812,22 +813,16 @@ impl Engine {
         if beyond.is_empty() {
             return;
         }
-        let wall_ms = self.physical_ms(now);
-        for (key, Entry { version, value }) in beyond {
+        let _ = now;
+        for (key, Entry { version, .. }) in beyond {
             self.store.forget(&key);
             self.state_generation += 1;
-            if version.origin == self.node_id {
-                self.counters.future_writes_restamped += 1;
-                // Cannot fail: the key was just forgotten, its size fitted.
-                let _ = self.write(now, wall_ms, &key, value.as_deref());
-            } else {
-                self.counters.future_entries_forgotten += 1;
-                self.events.push_back(Event::Changed {
-                    key,
-                    value: None,
-                    origin: version.origin,
-                });
-            }
+            self.counters.future_entries_forgotten += 1;
+            self.events.push_back(Event::Changed {
+                key,
+                value: None,
+                origin: version.origin,
+            });
         }
     }
 
@@ -849,11 +844,6 @@ impl Engine {
             Ok(missed_some) => missed_some,
             Err(reason) => return self.count_drop(reason),
         };
-        let earned = (bytes.len() as u64).saturating_mul(self.config.answer_bytes_per_byte_max);
-        let credit_max = self.config.answer_credit_bytes_max;
-        if let Some(peer) = self.peers.get_mut(&header.sender) {
-            peer.answer_credit = peer.answer_credit.saturating_add(earned).min(credit_max);
-        }
         if header.flags & wire::FLAG_LOSS_SEEN != 0 {
             self.loss_heard_at = Some(now);
         }
@@ -866,10 +856,10 @@ impl Engine {
             Message::Summary(_) | Message::BucketDigests(_) => false,
         };
         match message {
-            Message::Summary(summary) => self.on_summary(now, header.sender, summary),
+            Message::Summary(summary) => self.on_summary(now, summary, missed_some),
             Message::Entries(entries) => self.on_entries(now, header.sender, entries),
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
-            Message::BucketDigests(digests) => self.on_bucket_digests(now, header.sender, digests),
+            Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
         }
         // A sender that has seen loss follows its push with a tail itself.
         let sender_tails = header.flags & wire::FLAG_LOSS_SEEN != 0;
@@ -921,10 +911,9 @@ impl Engine {
     }
 
     /// Our node id with another boot id: a clone, or a replay of one of our
-    /// earlier boots. Only a summary whose clock (the sender's newest
-    /// event) is from after we started and within the clock bound counts
-    /// as a clone: a replay of an earlier boot of ours carries an older
-    /// clock. Then the id changes, at most once per
+    /// earlier boots. Only a summary sent after we started (by its clock,
+    /// which summaries stamp with the sender's current time) and within the
+    /// clock bound counts as a clone; then the id changes, at most once per
     /// `node_id_change_interval_ms`.
     fn on_own_id(&mut self, now: u64, message: &Message) {
         let Message::Summary(summary) = message else {
@@ -1012,7 +1001,8 @@ impl Engine {
         Ok(missed_some)
     }
 
-    fn on_summary(&mut self, now: u64, sender: NodeId, summary: Summary) {
+    /// `missed_some`: datagrams from its sender were lost just before it.
+    fn on_summary(&mut self, now: u64, summary: Summary, missed_some: bool) {
         if summary.clock > self.remote_limit() {
             return self.count_drop(DropReason::ClockAhead);
         }
@@ -1021,6 +1011,7 @@ impl Engine {
         let behind = summary.clock > self.clock.high_water();
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
+            self.difference_heard_at = None;
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -1029,39 +1020,39 @@ impl Engine {
         }
         self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
-        // digests; whichever side holds newer buckets then sends them. No
-        // Trickle reset (RFC 6206 rule 6): the exchange that follows is the
-        // fast path, and a reset would make every gateway that heard the
-        // difference send summaries through ten doublings back to Imax.
-        if self.repair_queue.is_empty() {
-            // An empty store announcing itself is a join: answered without
-            // charging the joiner (it has sent one summary), but like the
-            // join's repair at most once per `repair_bucket_interval_ms`.
-            let charge_to = if summary.entries == 0 {
-                let interval = self.config.repair_bucket_interval_ms;
-                if self
-                    .join_answered_at
-                    .is_some_and(|at| now.saturating_sub(at) < interval)
-                {
-                    self.counters.repairs_paced += 1;
-                    return;
-                }
-                self.join_answered_at = Some(now);
-                None
-            } else {
-                Some(sender)
-            };
-            self.schedule_bucket_digests(now, charge_to, summary.digest, behind);
+        // digests; whichever side holds newer buckets then sends them.
+        //
+        // The fast path: the sender's summary is newer than anything we
+        // have seen and we just missed datagrams of its (a lost push and
+        // its repeats): our digests, if they fit one datagram, ask for the
+        // repair at once.
+        if behind && missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
+            self.difference_heard_at = None;
+            self.schedule_bucket_digests(now, summary.digest, true);
+            return;
+        }
+        // Otherwise digests (up to 5 kB) answer a difference only when it
+        // is heard again after our own summary (sent soon) went out: a real
+        // peer that differs keeps saying so, one round later, while a
+        // single forged summary draws a summary, not 100x its size in
+        // digests. One summary, not a Trickle reset (RFC 6206 rule 6): a
+        // reset would make every gateway that heard the difference send
+        // summaries through ten doublings back to Imax.
+        self.announce_soon(now);
+        let digest = self.store.digest();
+        let confirmed = match (self.difference_heard_at, self.announced) {
+            (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
+            _ => false,
+        };
+        if !confirmed {
+            self.difference_heard_at.get_or_insert(now);
+        } else if self.repair_queue.is_empty() {
+            self.difference_heard_at = None;
+            self.schedule_bucket_digests(now, summary.digest, behind);
         }
     }
 
-    fn schedule_bucket_digests(
-        &mut self,
-        now: u64,
-        from: Option<NodeId>,
-        against: u64,
-        request: bool,
-    ) {
+    fn schedule_bucket_digests(&mut self, now: u64, against: u64, request: bool) {
         match self.bucket_digests_due.as_mut() {
             Some(digests) => {
                 if request && !digests.request {
@@ -1082,35 +1073,25 @@ impl Engine {
                     against,
                     request,
                     requests_left: self.config.repair_requests_max.max(1),
-                    charge_to: from,
                 });
             }
         }
     }
 
-    /// Takes the size of our bucket digests from `peer`'s answer credit;
-    /// false (and counted) when it has not earned them.
-    fn charge_answer(&mut self, peer: Option<NodeId>) -> bool {
-        let Some(peer) = peer else {
-            return true;
-        };
-        let buckets = (0..BUCKETS)
-            .filter(|&bucket| self.store.bucket_summary(bucket).count > 0)
-            .count();
-        let per_datagram = (self.payload_bytes_max() - BUCKET_DIGESTS_PREFIX) / BUCKET_DIGEST_LEN;
-        let datagrams = buckets.div_ceil(per_datagram.max(1)).max(1);
-        let overhead = HEADER_LEN + self.config.seal_overhead_bytes + BUCKET_DIGESTS_PREFIX;
-        let cost = (buckets * BUCKET_DIGEST_LEN + datagrams * overhead) as u64;
-        match self.peers.get_mut(&peer) {
-            Some(peer) if peer.answer_credit >= cost => {
-                peer.answer_credit -= cost;
-                true
-            }
-            _ => {
-                self.counters.answers_over_credit += 1;
-                false
-            }
+    /// Our summary goes out soon (unless an equal one is heard first).
+    fn announce_soon(&mut self, now: u64) {
+        if self.tail.is_none() {
+            self.start_tail(now, 1);
         }
+    }
+
+    /// Whether our bucket digests fit in one datagram.
+    fn digests_fit_one(&self) -> bool {
+        let per_datagram = (self.payload_bytes_max() - BUCKET_DIGESTS_PREFIX) / BUCKET_DIGEST_LEN;
+        (0..BUCKETS)
+            .filter(|&bucket| self.store.bucket_summary(bucket).count > 0)
+            .nth(per_datagram)
+            .is_none()
     }
 
     /// A repair request like ours is out (or a repair is arriving): ours
@@ -1179,8 +1160,9 @@ impl Engine {
         }
     }
 
-    /// Another gateway is answering a repair request. If it holds what we
-    /// hold in that bucket, it answers for us too: we drop our whole queue
+    /// Another gateway is answering a repair request. If it sent a bucket
+    /// of our queue holding what we hold, it answers for us too: we drop
+    /// our whole queue
     /// (the requester asks again for anything still missing) unless ours
     /// started first; of two that started, the lower node id goes on.
     /// Otherwise let it go on alone for a while.
@@ -1188,8 +1170,8 @@ impl Engine {
         self.postpone_repair_request(now);
         let bucket = tag.bucket as usize % BUCKETS;
         let same_data = self.store.bucket_summary(bucket).digest == tag.digest;
-        if same_data {
-            self.repair_queue.remove(&tag.bucket);
+        if same_data && self.repair_queue.remove(&tag.bucket).is_some() {
+            // It serves what we would: the same request, most likely.
             if !self.repairing || sender < self.node_id {
                 self.repair_queue.clear();
             }
@@ -1231,7 +1213,7 @@ impl Engine {
         }
     }
 
-    fn on_bucket_digests(&mut self, now: u64, sender: NodeId, digests: BucketDigests) {
+    fn on_bucket_digests(&mut self, now: u64, digests: BucketDigests) {
         let limit = self.remote_limit();
         if digests
             .buckets
@@ -1253,13 +1235,8 @@ impl Engine {
         self.loss_seen_at = Some(now);
         let mut listed = digests.buckets.iter().peekable();
         let mut we_need = false;
-        let mut newly_queued = false;
-        let mut first_to_answer = false;
-        // Drawn once per request: whether we stand by for buckets whose
-        // newest entry is not ours.
-        let volunteers = self.config.repair_volunteers as u64;
-        let others = self.peers.len().max(1) as u64;
-        let volunteer = self.rng.random_range(0..others) < volunteers;
+        // Buckets we hold newer, with the requester's digest of each.
+        let mut ours_newer: Vec<(u16, u64)> = Vec::new();
         for bucket in digests.first..digests.end.min(BUCKETS as u16) {
             let theirs = match listed.peek() {
                 Some(&&(index, summary)) if index == bucket => {
@@ -1279,32 +1256,59 @@ impl Engine {
             let theirs_rank = (theirs.max_hlc, theirs.count);
             if ours_rank >= theirs_rank {
                 let interval = self.config.repair_bucket_interval_ms;
-                let repaired_lately = self.bucket_repaired_at[bucket as usize]
-                    .is_some_and(|at| now.saturating_sub(at) < interval);
-                let newest_is_ours = self
-                    .store
-                    .bucket_entries(bucket as usize)
-                    .max_by_key(|(_, entry)| entry.version)
-                    .is_some_and(|(_, entry)| entry.version.origin == self.node_id);
+                let repaired_lately =
+                    self.bucket_repaired_at[bucket as usize].is_some_and(|(at, digest)| {
+                        now.saturating_sub(at) < interval && digest == theirs.digest
+                    });
                 if repaired_lately {
-                    // Served within the window: that answer serves this
-                    // request too, however many arrive.
+                    // Served within the window to a requester holding the
+                    // same: that answer serves this request too, however
+                    // many arrive. A requester that got part of it asks
+                    // with another digest, and is served the rest.
                     self.counters.repairs_paced += 1;
-                } else if newest_is_ours || volunteer {
-                    first_to_answer |= newest_is_ours;
-                    newly_queued |= self.repair_queue.insert(bucket);
+                } else {
+                    ours_newer.push((bucket, theirs.digest));
                 }
             }
             if ours_rank <= theirs_rank {
                 we_need = true;
             }
         }
+        // One answer, not one per gateway: the origin of the newest entry
+        // among what we would send (the writer of a lost push; whoever
+        // wrote last, for a join) answers within the first quarter of the
+        // window. About `repair_volunteers` others, drawn per request, stand
+        // by for the rest of it in case the origin is gone or missed the
+        // request; the rest stay quiet, and a request that goes unanswered
+        // is asked again.
+        let newest_is_ours = ours_newer
+            .iter()
+            .flat_map(|&(bucket, _)| self.store.bucket_entries(bucket as usize))
+            .map(|(_, entry)| entry.version)
+            .max()
+            .is_some_and(|version| version.origin == self.node_id);
+        let volunteers = self.config.repair_volunteers as u64;
+        let others = self.peers.len().max(1) as u64;
+        let volunteer = !ours_newer.is_empty() && self.rng.random_range(0..others) < volunteers;
+        let mut newly_queued = false;
+        if newest_is_ours || volunteer {
+            for (bucket, theirs) in ours_newer {
+                match self.repair_queue.entry(bucket) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Some(theirs));
+                        newly_queued = true;
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut slot) => {
+                        if *slot.get() != Some(theirs) {
+                            slot.insert(None);
+                        }
+                    }
+                }
+            }
+        }
         if newly_queued && self.repair_due.is_none() {
-            // The origin of the newest data answers within the first
-            // quarter of the window, volunteers after it: they hear the
-            // origin's answer and stay quiet.
             let window = self.config.response_window_ms.max(4);
-            let delay = if first_to_answer {
+            let delay = if newest_is_ours {
                 self.rng.random_range(0..window / 4)
             } else {
                 window / 4 + self.rng.random_range(0..window - window / 4)
@@ -1312,7 +1316,7 @@ impl Engine {
             self.repair_due = Some(now + delay);
         }
         if we_need {
-            self.schedule_bucket_digests(now, Some(sender), digests.digest, true);
+            self.schedule_bucket_digests(now, digests.digest, true);
         }
     }
 
@@ -1369,18 +1373,21 @@ impl Engine {
     }
 
     fn send_summary(&mut self) {
+        // The clock field tells the sender's current time (not only its
+        // last event), so a clone's summary is told from a replay of ours.
         // Capped at the bound, so a gateway whose clock was set back after
         // running ahead is not refused by everyone until time catches up.
         let physical_ms = self.physical_ms(self.now);
-        let clock = self
+        let high_water = self
             .clock
             .high_water()
             .min(remote_limit(physical_ms, self.config.clock_ahead_max_ms));
         let summary = Summary {
             digest: self.store.digest(),
             entries: self.store.len() as u32,
-            clock,
+            clock: high_water.max(Hlc::new(physical_ms, 0)),
         };
+        self.announced = Some((summary.digest, self.now));
         self.send(&Message::Summary(summary));
     }
 
@@ -1482,6 +1489,32 @@ impl Engine {
         sent
     }
 
+    /// How [`Engine::send_entries`] splits entries into datagrams: each
+    /// unit is one datagram, or one entry sent as fragments.
+    fn pack(&self, entries: &[(String, Entry)]) -> Vec<Vec<usize>> {
+        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let mut units = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (at, (key, entry)) in entries.iter().enumerate() {
+            let len = WireEntry::encoded_len(key, entry.value.as_deref());
+            if len > room {
+                units.push(vec![at]);
+                continue;
+            }
+            if batch_bytes + len > room {
+                units.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            batch.push(at);
+        }
+        if !batch.is_empty() {
+            units.push(batch);
+        }
+        units
+    }
+
     fn send_fragments(&mut self, key: &str, entry: &Entry) -> usize {
         let value = entry.value.as_deref().unwrap_or_default();
         let chunk_len = self.payload_bytes_max() - FRAGMENT_OVERHEAD - key.len();
@@ -1554,12 +1587,12 @@ impl Engine {
             self.repair_due = Some(ready_at);
             return;
         }
-        let Some(bucket) = self.repair_queue.pop_first() else {
+        let Some((bucket, theirs)) = self.repair_queue.pop_first() else {
             self.repairing = false;
             return;
         };
         self.repairing = !self.repair_queue.is_empty();
-        self.bucket_repaired_at[bucket as usize] = Some(now);
+        self.bucket_repaired_at[bucket as usize] = Some((now, theirs.unwrap_or_default()));
         let bytes_before = self.counters.bytes_sent;
         let tag = RepairTag {
             bucket,
@@ -1570,16 +1603,59 @@ impl Engine {
             .bucket_entries(bucket as usize)
             .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
             .collect();
-        let sent = self.send_entries(
-            Some(tag),
-            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        );
+        let units = self.pack(&entries);
+        let held = theirs.and_then(|digest| units_held(&entries, &units, digest));
+        let mut sent = 0;
+        for (index, unit) in units.iter().enumerate() {
+            if held.is_some_and(|mask| mask & (1 << index) != 0) {
+                continue;
+            }
+            sent += self.send_entries(
+                Some(tag),
+                unit.iter()
+                    .map(|&at| (entries[at].0.as_str(), &entries[at].1)),
+            );
+        }
+        if units.is_empty() {
+            // An empty bucket is told by an empty repair.
+            sent += self.send_entries(Some(tag), std::iter::empty());
+        }
         let bytes = self.counters.bytes_sent - bytes_before;
         self.repair_budget_bytes = self.repair_budget_bytes.saturating_sub(bytes as i64);
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
     }
+}
+
+/// Units of a repair (see [`Engine::pack`]) a requester already holds, as
+/// a bit mask, found from its digest of the bucket: bucket digests are XORs
+/// of entry hashes, and a datagram is lost whole, so a requester that lost
+/// some datagrams of an earlier repair holds exactly some of its units.
+/// `None` when no set of units matches (it holds other versions) or there
+/// are too many units to try.
+fn units_held(entries: &[(String, Entry)], units: &[Vec<usize>], theirs: u64) -> Option<u64> {
+    const UNITS_TRIED_MAX: usize = 12;
+    if units.len() > UNITS_TRIED_MAX {
+        return None;
+    }
+    let unit_digests: Vec<u64> = units
+        .iter()
+        .map(|unit| {
+            unit.iter().fold(0, |digest, &at| {
+                let (key, entry) = &entries[at];
+                digest ^ store::entry_hash(key, entry.as_ref())
+            })
+        })
+        .collect();
+    (0..1u64 << units.len()).find(|mask| {
+        let digest = unit_digests
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| mask & (1 << index) != 0)
+            .fold(0, |digest, (_, unit)| digest ^ unit);
+        digest == theirs
+    })
 }
 
 #[cfg(test)]

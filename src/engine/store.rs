@@ -297,7 +297,8 @@ pub fn bucket_of(key: &str) -> usize {
     (StableHasher::new().write(key.as_bytes()).finish() as usize) & (BUCKETS - 1)
 }
 
-fn entry_hash(key: &str, entry: EntryRef<'_>) -> u64 {
+/// An entry's share of its bucket's digest (which is the XOR of them).
+pub fn entry_hash(key: &str, entry: EntryRef<'_>) -> u64 {
     let mut hasher = StableHasher::new();
     hasher
         .write(&(key.len() as u32).to_be_bytes())

@@ -37,6 +37,8 @@ pub struct Plan {
     /// 0 skips the join figures.
     pub join_keys: usize,
     pub partition_writes: usize,
+    /// gwsync and the bare method, side by side in every table.
+    pub systems: Vec<System>,
     pub config: Config,
 }
 
@@ -49,6 +51,7 @@ impl Default for Plan {
             updates_per_seed: 5,
             join_keys: 10_000,
             partition_writes: 20,
+            systems: vec![System::Gwsync, System::Bare],
             config: Config::default(),
         }
     }
@@ -65,6 +68,7 @@ impl Plan {
             updates_per_seed: 3,
             join_keys: 300,
             partition_writes: 6,
+            systems: vec![System::Gwsync, System::Bare],
             config: Config::default(),
         }
     }
@@ -333,7 +337,7 @@ pub fn run(plan: &Plan, mut each: impl FnMut(&Row)) -> Vec<Row> {
     let mut rows = Vec::new();
     for &n in &plan.ns {
         for &loss in &plan.losses {
-            for system in [System::Gwsync, System::Bare] {
+            for &system in &plan.systems {
                 let row = run_row(plan, system, n, loss);
                 each(&row);
                 rows.push(row);
