@@ -23,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use crate::engine::clock::Hlc;
 use crate::engine::store::Entry;
 use crate::engine::{Config, Engine, NodeId, SeededRng, TriggerReason};
+use crate::persist::Debounce;
 
 pub mod byzantine;
 
@@ -48,6 +49,11 @@ pub trait Gateway {
     fn is_idle(&self) -> bool;
     /// What survives a crash.
     fn persisted(&self) -> Persisted;
+    /// Moves whenever something worth persisting changed (see
+    /// [`Engine::state_generation`]); a constant means "write through".
+    fn state_generation(&self) -> u64 {
+        0
+    }
     /// Back to its periodic rhythm (for gwsync: the Trickle interval is
     /// at `Imax` again).
     fn at_steady_state(&self) -> bool {
@@ -141,6 +147,9 @@ impl Gateway for Engine {
     fn at_steady_state(&self) -> bool {
         self.trickle_interval_ms() >= self.config().trickle.imax_ms
     }
+    fn state_generation(&self) -> u64 {
+        Engine::state_generation(self)
+    }
     fn engine(&self) -> Option<&Engine> {
         Some(self)
     }
@@ -189,6 +198,8 @@ struct Node {
     gateway: Option<Box<dyn Gateway>>,
     node_id: NodeId,
     persisted: Persisted,
+    /// `Some` when the state file is written as the driver writes it.
+    debounce: Option<Debounce>,
     clock_offset_ms: i64,
     partition: u32,
 }
@@ -215,6 +226,7 @@ pub struct Sim {
     traffic: Traffic,
     /// Every datagram sent, when capturing (what a tcpdump would see).
     capture: Option<Vec<Rc<[u8]>>>,
+    persist_interval_ms: Option<u64>,
 }
 
 impl Sim {
@@ -230,6 +242,7 @@ impl Sim {
             sequence: 0,
             traffic: Traffic::default(),
             capture: None,
+            persist_interval_ms: None,
         };
         for _ in 0..n {
             sim.add_node();
@@ -250,6 +263,9 @@ impl Sim {
                 node_id,
                 ..Persisted::default()
             },
+            debounce: self
+                .persist_interval_ms
+                .map(|interval| Debounce::new(interval, 0)),
             clock_offset_ms: 0,
             partition: 0,
         });
@@ -270,6 +286,9 @@ impl Sim {
                 node_id,
                 ..Persisted::default()
             },
+            debounce: self
+                .persist_interval_ms
+                .map(|interval| Debounce::new(interval, 0)),
             clock_offset_ms: 0,
             partition: 0,
         });
@@ -361,12 +380,49 @@ impl Sim {
         self.nodes[index].gateway.is_some()
     }
 
-    /// Stops node `index` at once. The state file is modelled as written
-    /// through on every change, so a crash loses timers and datagrams in
-    /// flight, never data (the driver's debounce is tested on real files).
+    /// From now on gateways write their state file as the driver does:
+    /// through [`Debounce`] (at most once per `interval_ms`, the first
+    /// change at once), so a crash loses what changed since the last write.
+    /// Without it the file is written through on every change and a crash
+    /// loses only timers and datagrams in flight.
+    pub fn persist_debounced(&mut self, interval_ms: u64) {
+        self.persist_interval_ms = Some(interval_ms);
+        for node in &mut self.nodes {
+            let generation = node.gateway.as_ref().map_or(0, |g| g.state_generation());
+            node.debounce = Some(Debounce::new(interval_ms, generation));
+            if let Some(gateway) = node.gateway.as_ref() {
+                node.persisted = gateway.persisted();
+            }
+        }
+    }
+
+    /// The state node `index` would restart from now.
+    pub fn persisted(&self, index: usize) -> &Persisted {
+        &self.nodes[index].persisted
+    }
+
+    /// Writes node `index`'s state if the debounce says so now.
+    fn persist(&mut self, index: usize) {
+        let now = self.now;
+        let node = &mut self.nodes[index];
+        let (Some(gateway), Some(debounce)) = (node.gateway.as_ref(), node.debounce.as_mut())
+        else {
+            return;
+        };
+        let generation = gateway.state_generation();
+        if debounce.due(generation).is_some_and(|due| due <= now) {
+            node.persisted = gateway.persisted();
+            debounce.written(now, generation);
+        }
+    }
+
+    /// Stops node `index` at once: timers, datagrams in flight and, with
+    /// [`Sim::persist_debounced`], changes not yet written are lost.
     pub fn crash(&mut self, index: usize) {
         if let Some(gateway) = self.nodes[index].gateway.take() {
-            self.nodes[index].persisted = gateway.persisted();
+            if self.nodes[index].debounce.is_none() {
+                self.nodes[index].persisted = gateway.persisted();
+            }
         }
     }
 
@@ -375,6 +431,9 @@ impl Sim {
         let seed = self.rng.random();
         let node = &mut self.nodes[index];
         let gateway = (self.factory)(index, node.node_id, seed, self.now, Some(&node.persisted));
+        node.debounce = self
+            .persist_interval_ms
+            .map(|interval| Debounce::new(interval, gateway.state_generation()));
         node.gateway = Some(gateway);
         self.tell_wall_clock(index);
         self.flush(index);
@@ -396,6 +455,7 @@ impl Sim {
             gateway.write(now, wall, key, value);
         }
         self.flush(index);
+        self.persist(index);
     }
 
     pub fn trigger(&mut self, index: usize) {
@@ -461,7 +521,14 @@ impl Sim {
         let timers = self
             .nodes
             .iter()
-            .filter_map(|node| node.gateway.as_ref().map(|gateway| gateway.poll_timeout()))
+            .filter_map(|node| {
+                let gateway = node.gateway.as_ref()?;
+                let write = node
+                    .debounce
+                    .as_ref()
+                    .and_then(|debounce| debounce.due(gateway.state_generation()));
+                Some(write.map_or(gateway.poll_timeout(), |at| at.min(gateway.poll_timeout())))
+            })
             .min();
         match (delivery, timers) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -498,6 +565,7 @@ impl Sim {
                 gateway.handle_datagram(now, &bytes);
                 self.flush(to);
             }
+            self.persist(to);
         }
         for index in 0..self.nodes.len() {
             let due = self.nodes[index]
@@ -511,6 +579,7 @@ impl Sim {
                 }
                 self.flush(index);
             }
+            self.persist(index);
         }
     }
 
@@ -785,4 +854,47 @@ impl Gateway for BareMethod {
             ..Persisted::default()
         }
     }
+}
+
+/// Runs `engines` on a lossless LAN with no delay, starting at `now`:
+/// every datagram goes to every other engine, timers fire in time order,
+/// until no engine has anything pending but its periodic summary; returns
+/// the time reached. For tests that pump engines by hand. A run still busy
+/// after `steps_max` rounds (each delivering what was sent, or firing the
+/// next timers) fails, naming what was pending, instead of hanging.
+pub fn drive_bounded(engines: &mut [Engine], mut now: u64, steps_max: usize) -> u64 {
+    for _ in 0..steps_max {
+        let mut sent = false;
+        for from in 0..engines.len() {
+            while let Some(datagram) = engines[from].poll_transmit() {
+                sent = true;
+                for (to, engine) in engines.iter_mut().enumerate() {
+                    if to != from {
+                        engine.handle_datagram(now, &datagram);
+                    }
+                }
+            }
+        }
+        if sent {
+            continue;
+        }
+        if engines.iter().all(Engine::is_idle) {
+            return now;
+        }
+        let next = engines
+            .iter()
+            .map(Engine::poll_timeout)
+            .min()
+            .unwrap_or(now);
+        now = now.max(next);
+        for engine in engines.iter_mut() {
+            if engine.poll_timeout() <= now {
+                engine.handle_timeout(now);
+            }
+        }
+    }
+    let busy: Vec<usize> = (0..engines.len())
+        .filter(|&index| !engines[index].is_idle())
+        .collect();
+    panic!("still busy after {steps_max} steps at {now} ms: engines {busy:?} not idle");
 }

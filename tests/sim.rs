@@ -11,7 +11,7 @@ use gwsync::engine::{Config, Engine};
 use gwsync::sim::byzantine::{
     Forger, answer_to, empty_store_digests, forged_datagrams, settled_group,
 };
-use gwsync::sim::{Medium, Sim, engine_factory};
+use gwsync::sim::{Medium, Sim, drive_bounded, engine_factory};
 use rand::Rng;
 
 /// Every write made in a run; the expected end state is their
@@ -624,4 +624,155 @@ fn replays_after_a_restart_change_neither_data_nor_node_ids() {
     }
     settle(&mut sim, &oracle, 5, 10 * MINUTE);
     assert_eq!(engine(&sim, joiner).get("door/code"), None);
+}
+
+#[test]
+fn a_lone_write_leaves_at_once_and_writes_within_the_window_leave_together() {
+    let config = Config::default();
+    let window = config.push_delay_ms;
+    let mut engines: Vec<Engine> = (0..2)
+        .map(|i| {
+            let mut engine = Engine::new(config.clone(), gwsync::engine::NodeId(i + 1), i, 0);
+            engine.set_wall_clock(0, WALL);
+            engine
+        })
+        .collect();
+    let now = drive_bounded(&mut engines, 0, 100);
+    let at = now + 10_000;
+    for engine in &mut engines {
+        engine.handle_timeout(at);
+        while engine.poll_transmit().is_some() {}
+    }
+    engines[0].set(at, WALL, "scene/1", b"1").unwrap();
+    assert_eq!(engines[0].poll_timeout(), at, "a lone write must not wait");
+    engines[0].handle_timeout(at);
+    let push = engines[0].poll_transmit().expect("pushed at once");
+    engines[1].handle_datagram(at, &push);
+    assert_eq!(engines[1].get("scene/1"), Some(&b"1"[..]));
+    // Two more writes within the window: they wait for its end and leave
+    // in one datagram.
+    engines[0].set(at + 1, WALL, "scene/2", b"2").unwrap();
+    engines[0].set(at + 1, WALL, "scene/3", b"3").unwrap();
+    assert_eq!(engines[0].poll_timeout(), at + window);
+    let pushes_before = engines[0].counters().pushes_sent;
+    drive_bounded(&mut engines, at + 1, 100);
+    assert_eq!(engines[0].counters().pushes_sent, pushes_before + 1);
+    assert_eq!(engines[1].get("scene/3"), Some(&b"3"[..]));
+}
+
+const WALL: u64 = gwsync::sim::WALL_EPOCH_MS;
+
+#[test]
+fn gateways_that_lost_a_push_are_mended_by_about_one_request_and_one_answer() {
+    for seed in seeds(2) {
+        let n = 32;
+        let medium = Medium {
+            loss_percent: 10,
+            ..Medium::default()
+        };
+        let mut sim = new_sim(seed, n, medium);
+        let mut oracle = Oracle::default();
+        for i in 0..10 {
+            oracle.write(&mut sim, i % n, &format!("room/{i}"), Some(b"0"));
+        }
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        sim.run_for(20 * 64_000);
+        let count = |sim: &Sim| {
+            (0..n).fold((0, 0, 0), |(requests, answers, all), node| {
+                let counters = engine(sim, node).counters();
+                (
+                    requests + counters.bucket_digests_sent,
+                    answers + counters.repairs_sent,
+                    all + counters.datagrams_sent,
+                )
+            })
+        };
+        let before = count(&sim);
+        let updates = 10;
+        for update in 0..updates {
+            let key = format!("room/{}", update % 10);
+            oracle.write(
+                &mut sim,
+                (update * 7) % n,
+                &key,
+                Some(format!("{update}").as_bytes()),
+            );
+            settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        }
+        let after = count(&sim);
+        let per_update = |a: u64, b: u64| (a - b) as f64 / updates as f64;
+        let requests = per_update(after.0, before.0);
+        let answers = per_update(after.1, before.1);
+        let all = per_update(after.2, before.2);
+        // About 3 of 31 gateways lose each push: without suppression each
+        // of them would ask and each of 28 holders would answer.
+        assert!(
+            requests <= 2.0,
+            "seed {seed}: {requests} requests per update"
+        );
+        assert!(answers <= 2.0, "seed {seed}: {answers} answers per update");
+        assert!(all <= 6.0, "seed {seed}: {all} datagrams per update");
+    }
+}
+
+#[test]
+fn a_crash_loses_only_what_the_2_s_debounce_had_not_written() {
+    let mut sim = new_sim(5, 3, Medium::default());
+    sim.persist_debounced(2_000);
+    sim.run_for(MINUTE);
+    // Written at once (the first change after a quiet time), then held back.
+    sim.write(0, "written", Some(b"1"));
+    sim.run_for(100);
+    sim.set_partition(0, 7);
+    sim.write(0, "held-back", Some(b"2"));
+    sim.run_for(500);
+    let held = |p: &gwsync::sim::Persisted, key: &str| p.entries.iter().any(|(k, _)| k == key);
+    assert!(held(sim.persisted(0), "written"));
+    assert!(
+        !held(sim.persisted(0), "held-back"),
+        "written before the debounce allowed"
+    );
+    sim.crash(0);
+    sim.restart(0);
+    sim.heal();
+    assert_eq!(
+        data(&sim, 0).get("written").map(Vec::as_slice),
+        Some(&b"1"[..])
+    );
+    assert!(
+        !data(&sim, 0).contains_key("held-back"),
+        "survived an unwritten crash"
+    );
+    // Nobody else held it either: lost, as on a real gateway.
+    let mut oracle = Oracle::default();
+    oracle.winners.insert(
+        "written".into(),
+        engine(&sim, 0).store().get("written").unwrap().to_owned(),
+    );
+    settle(&mut sim, &oracle, 5, 10 * MINUTE);
+    // A change followed by 2 s of quiet is written, and survives.
+    sim.set_partition(0, 7);
+    oracle.write(&mut sim, 0, "kept", Some(b"3"));
+    sim.run_for(2_500);
+    sim.crash(0);
+    sim.restart(0);
+    sim.heal();
+    assert!(data(&sim, 0).contains_key("kept"));
+    settle(&mut sim, &oracle, 5, 10 * MINUTE);
+}
+
+#[test]
+fn simbench_snapshot_matches_the_committed_table() {
+    use gwsync::sim::bench::{self, Plan};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/simbench-snapshot.txt");
+    let table = bench::table(&bench::run(&Plan::snapshot(), |_| {}));
+    if std::env::var_os("GWSYNC_UPDATE_SNAPSHOT").is_some() {
+        std::fs::write(&path, &table).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == table,
+        "simbench figures changed; if intended, rerun with GWSYNC_UPDATE_SNAPSHOT=1 and commit {}\n--- committed\n{committed}--- now\n{table}",
+        path.display()
+    );
 }
