@@ -11,7 +11,7 @@
 //!   payload codecs.
 //! - [`crypto`]: sealing and opening datagrams under the group key, and the
 //!   replay window.
-//! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
+//! - `sim` (cargo feature `sim`): a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
 #![deny(unsafe_code)]
@@ -27,5 +27,6 @@ pub mod logging;
 pub mod net;
 pub mod persist;
 pub mod proto;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;

@@ -12,16 +12,17 @@
 //! exactly as first published: one version for the whole data set, the
 //! whole set multicast on each sync request).
 
+pub mod bench;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::rc::Rc;
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::engine::clock::Hlc;
 use crate::engine::store::Entry;
-use crate::engine::{Config, Engine, NodeId, TriggerReason};
+use crate::engine::{Config, Engine, NodeId, SeededRng, TriggerReason};
 
 pub mod byzantine;
 
@@ -205,7 +206,7 @@ type InFlight = (u64, u64, usize, Rc<[u8]>);
 /// A simulated LAN of gateways.
 pub struct Sim {
     now: u64,
-    rng: StdRng,
+    rng: SeededRng,
     medium: Medium,
     factory: Factory,
     nodes: Vec<Node>,
@@ -221,7 +222,7 @@ impl Sim {
     pub fn new(seed: u64, n: usize, medium: Medium, factory: Factory) -> Sim {
         let mut sim = Sim {
             now: 0,
-            rng: StdRng::seed_from_u64(seed),
+            rng: SeededRng::seed_from_u64(seed),
             medium,
             factory,
             nodes: Vec::new(),
@@ -329,7 +330,7 @@ impl Sim {
         self.medium = medium;
     }
 
-    pub fn rng(&mut self) -> &mut StdRng {
+    pub fn rng(&mut self) -> &mut SeededRng {
         &mut self.rng
     }
 
@@ -585,7 +586,7 @@ pub struct BareMethod {
     node_id: NodeId,
     version: (u64, NodeId),
     data: BTreeMap<String, Vec<u8>>,
-    rng: StdRng,
+    rng: SeededRng,
     next_request: u64,
     interval_ms: u64,
     datagram_bytes_max: usize,
@@ -607,7 +608,7 @@ impl BareMethod {
         interval_ms: u64,
         datagram_bytes_max: usize,
     ) -> BareMethod {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SeededRng::seed_from_u64(seed);
         let next_request = now + rng.random_range(0..interval_ms.max(1));
         BareMethod {
             node_id,

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use gwsync::engine::store::Entry;
 use gwsync::engine::{Config, Engine};
-use gwsync::sim::byzantine::{Forger, answer_to, empty_store_digests, forged_datagrams};
+use gwsync::sim::byzantine::{
+    Forger, answer_to, empty_store_digests, forged_datagrams, settled_group,
+};
 use gwsync::sim::{Medium, Sim, engine_factory};
 use rand::Rng;
 
@@ -362,7 +364,8 @@ fn a_cloned_node_id_is_noticed_and_replaced() {
 #[test]
 fn random_topologies_and_faults_always_converge() {
     for seed in seeds(1000) {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
+        let mut rng =
+            <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed);
         let n = rng.random_range(2..=6);
         let medium = Medium {
             loss_percent: [0, 0, 10, 30][rng.random_range(0..4)],
@@ -522,17 +525,7 @@ fn a_forger_and_clocks_days_off_cannot_crash_rewind_or_split_the_honest_gateways
 
 /// A settled group of four holding 1,000 entries.
 fn populated_group() -> Sim {
-    let mut sim = new_sim(11, 4, Medium::default());
-    for i in 0..1_000 {
-        sim.write(
-            i % 4,
-            &format!("device/{i:04}"),
-            Some(b"{\"on\":true,\"level\":42}"),
-        );
-    }
-    let settled = sim.run_until_condition(30 * MINUTE, Sim::settled);
-    assert!(settled.is_some(), "the group did not settle");
-    sim
+    settled_group(11, 4, 1_000)
 }
 
 #[test]

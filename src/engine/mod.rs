@@ -17,6 +17,7 @@ use std::fmt;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::crypto::{Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD};
 use crate::wire::{
@@ -30,6 +31,12 @@ use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits}
 use trickle::{Trickle, TrickleConfig};
 
 pub use crate::proto::NodeId;
+
+/// The generator behind every seeded random choice (engine timers, the
+/// simulator's medium). ChaCha8's stream is fixed by its specification,
+/// unlike `StdRng`'s, so a seed replays the same run after a dependency
+/// update.
+pub type SeededRng = ChaCha8Rng;
 
 /// Why a sync was requested from outside (method step 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,8 +55,9 @@ pub enum TriggerReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub trickle: TrickleConfig,
-    /// How long a write waits for more writes before it is pushed, so a
-    /// burst leaves in as few full datagrams as possible.
+    /// Writes that follow a push within this long wait for the end of it,
+    /// so a burst leaves in as few full datagrams as possible. The first
+    /// write after a quiet moment goes out at once.
     pub push_delay_ms: u64,
     /// Largest datagram sent, headers included.
     pub datagram_bytes_max: usize,
@@ -63,18 +71,37 @@ pub struct Config {
     /// Answers (bucket digests, repairs) wait a random time below this, so
     /// that one gateway answers and the others hear it and stay quiet.
     pub response_window_ms: u64,
+    /// A gateway that asked for a repair (sent its bucket digests because
+    /// it lacks something) asks again when no repair arrived for this long
+    /// and it still differs, at most `repair_requests_max` times per
+    /// difference heard.
+    pub repair_wait_ms: u64,
+    pub repair_requests_max: u32,
+    /// Besides the origin of a bucket's newest entry, which answers first,
+    /// about this many other gateways (drawn at random per request) stand
+    /// by to answer a repair request, so a request costs one answer, not
+    /// one per gateway that missed the first.
+    pub repair_volunteers: u32,
     /// Gap between repair datagrams from one gateway, so a large repair does
     /// not flood a Wi-Fi multicast link.
     pub repair_datagram_interval_ms: u64,
     /// A write pushed within this long after a lost datagram (or a
-    /// difference that needed repair) was noticed is followed by a few tail
-    /// summaries, so a peer that lost the push notices soon. On a clean LAN
+    /// difference that needed repair) was noticed is followed by a tail
+    /// summary, so a peer that lost the push notices soon. On a clean LAN
     /// the push alone is the whole update.
     pub loss_memory_ms: u64,
     /// How many tail summaries follow a push on a lossy LAN; they go out
-    /// after about `Imin/2`, `Imin`, `2 Imin`..., each skipped when a
-    /// summary equal to ours was heard since the previous one.
+    /// after about `Imin/4`, `Imin/2`, `Imin`..., each skipped when a
+    /// summary equal to ours was heard since the previous one. One is
+    /// enough: a gateway that also lost it is mended by the repair that the
+    /// others' requests bring, or asks again itself.
     pub tail_summaries: u32,
+    /// On a lossy LAN with at least this many peers a push of one datagram
+    /// is sent once more where the first tail summary would go (twice from
+    /// eight times as many), and the summary follows: most gateways that
+    /// lost the push then need no repair round at all. With fewer peers few
+    /// lose it, and a repair round costs less than a repeat to all.
+    pub tail_repeat_peers_min: usize,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
     /// datagram; at most one such probe per this interval.
@@ -97,6 +124,13 @@ pub struct Config {
     /// A bucket repaired is not repaired again within this long, however
     /// many requests for it arrive: one answer per window serves them all.
     pub repair_bucket_interval_ms: u64,
+    /// Bucket digests we send because of a peer's summary or digests may
+    /// total this many times the bytes that peer sent us (its answer
+    /// credit), so no datagram draws more than this factor from us. QUIC's
+    /// anti-amplification limit, with room for a real peer's exchange.
+    pub answer_bytes_per_byte_max: u64,
+    /// Cap on a peer's answer credit, in bytes.
+    pub answer_credit_bytes_max: u64,
 }
 
 impl Default for Config {
@@ -114,17 +148,23 @@ impl Default for Config {
             reassembly: ReassemblyLimits::default(),
             quiet_period_ms: 320_000,
             response_window_ms: 40,
+            repair_wait_ms: 60,
+            repair_requests_max: 4,
+            repair_volunteers: 2,
             repair_datagram_interval_ms: 2,
-            loss_memory_ms: 3_600_000,
-            tail_summaries: 3,
+            loss_memory_ms: 600_000,
+            tail_summaries: 1,
+            tail_repeat_peers_min: 8,
             gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
             purge_interval_ms: 60_000,
             clock_ahead_max_ms: 300_000,
             node_id_change_interval_ms: 600_000,
-            repair_bytes_per_sec_max: 512 * 1024,
+            repair_bytes_per_sec_max: 1024 * 1024,
             repair_bucket_interval_ms: 1_000,
+            answer_bytes_per_byte_max: 40,
+            answer_credit_bytes_max: 64 * 1024,
         }
     }
 }
@@ -311,6 +351,9 @@ pub struct Counters {
     pub repairs_paced: u64,
     /// Times repair waited for `repair_bytes_per_sec_max`.
     pub repair_budget_waits: u64,
+    /// Bucket digests not sent: the peer that called for them had not sent
+    /// enough to earn them (`answer_bytes_per_byte_max`).
+    pub answers_over_credit: u64,
     /// Partial large values evicted to make room for a sender using less
     /// reassembly memory.
     pub reassembly_evictions: u64,
@@ -334,6 +377,8 @@ pub struct Peer {
     /// costs the others nothing.
     tokens: u32,
     tokens_at: u64,
+    /// Bytes of answers (bucket digests) this peer's datagrams have earned.
+    answer_credit: u64,
 }
 
 impl Peer {
@@ -344,6 +389,7 @@ impl Peer {
             last_digest: None,
             tokens: rate_max,
             tokens_at: now,
+            answer_credit: 0,
         }
     }
 
@@ -362,13 +408,34 @@ impl Peer {
     }
 }
 
-/// Summaries scheduled after a push on a lossy LAN.
+/// Our bucket digests, scheduled.
 #[derive(Clone, Copy, Debug)]
+struct DigestsDue {
+    due: u64,
+    /// The digest of the gateway whose difference called for them; once
+    /// ours equals it they are moot.
+    against: u64,
+    /// Sent because we lack something (a repair request), rather than to
+    /// show a peer what it lacks: hearing the same request from another
+    /// gateway then only postpones ours, and it is repeated while no
+    /// repair comes.
+    request: bool,
+    requests_left: u32,
+    /// The peer whose datagram called for them, charged for each sending
+    /// (`None`: a join, paced instead).
+    charge_to: Option<NodeId>,
+}
+
+/// Summaries scheduled after a push on a lossy LAN.
+#[derive(Clone, Debug)]
 struct Tail {
     due: u64,
     gap_ms: u64,
     remaining: u32,
     consistent_heard: bool,
+    /// Keys of a one-datagram push to send again before the summaries.
+    repeat: Vec<String>,
+    repeats_left: u32,
 }
 
 /// The sync engine of one gateway.
@@ -404,18 +471,19 @@ pub struct Engine {
     nonce_rng: StdRng,
     clock: Clock,
     store: Store,
-    rng: StdRng,
+    rng: SeededRng,
     trickle: Trickle,
     reassembly: Reassembly,
     peers: BTreeMap<NodeId, Peer>,
     last_heard_other: u64,
     pending_push: BTreeSet<String>,
     push_due: Option<u64>,
-    /// When to send our bucket digests, and the digest of the gateway whose
-    /// difference called for them (if ours becomes equal, they are moot).
-    bucket_digests_due: Option<(u64, u64)>,
+    last_push_at: Option<u64>,
+    bucket_digests_due: Option<DigestsDue>,
     repair_queue: BTreeSet<u16>,
     repair_due: Option<u64>,
+    /// A repair of ours is under way (some of the queue already sent).
+    repairing: bool,
     /// When we last saw loss first-hand: a sequence gap, or a difference
     /// that needed repair. Advertised in our headers.
     loss_seen_at: Option<u64>,
@@ -433,15 +501,11 @@ pub struct Engine {
     /// Our physical clock when we started: clash evidence must be newer.
     started_physical_ms: Option<u64>,
     last_node_id_change: Option<u64>,
-    /// The digest of our last summary, and when it went out.
-    announced: Option<(u64, u64)>,
-    /// When a summary differing from our data was first heard since the
-    /// last consistent one. Bucket digests answer a difference only when it
-    /// is heard again after our own summary went out (see `on_summary`).
-    difference_heard_at: Option<u64>,
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
+    /// When we last answered an empty store's summary (a join).
+    join_answered_at: Option<u64>,
     /// When each bucket was last repaired by us.
     bucket_repaired_at: Box<[Option<u64>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
@@ -454,7 +518,7 @@ impl Engine {
     /// An engine with an empty store, starting at monotonic time `now`.
     /// `seed` drives every random choice (timers, boot id, a new node id).
     pub fn new(config: Config, node_id: NodeId, seed: u64, now: u64) -> Engine {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = SeededRng::seed_from_u64(seed);
         let trickle = Trickle::new(config.trickle, now, &mut rng);
         Engine {
             node_id,
@@ -471,9 +535,11 @@ impl Engine {
             last_heard_other: now,
             pending_push: BTreeSet::new(),
             push_due: None,
+            last_push_at: None,
             bucket_digests_due: None,
             repair_queue: BTreeSet::new(),
             repair_due: None,
+            repairing: false,
             loss_seen_at: None,
             loss_heard_at: None,
             now,
@@ -483,10 +549,9 @@ impl Engine {
             wall_offset_ms: None,
             started_physical_ms: None,
             last_node_id_change: None,
-            announced: None,
-            difference_heard_at: None,
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
+            join_answered_at: None,
             bucket_repaired_at: Box::new([None; BUCKETS]),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -563,9 +628,12 @@ impl Engine {
     }
 
     /// True when nothing is pending but the periodic Trickle summary: no
-    /// push, answer or repair waiting to go out.
+    /// push, tail, answer or repair waiting to go out.
     pub fn is_idle(&self) -> bool {
-        self.push_due.is_none() && self.bucket_digests_due.is_none() && self.repair_queue.is_empty()
+        self.push_due.is_none()
+            && self.tail.is_none()
+            && self.bucket_digests_due.is_none()
+            && self.repair_queue.is_empty()
     }
 
     /// The current Trickle interval; at `Imax` the gateway is in steady state.
@@ -642,7 +710,14 @@ impl Engine {
             origin: self.node_id,
         });
         self.pending_push.insert(key.to_owned());
-        self.push_due.get_or_insert(now + self.config.push_delay_ms);
+        if self.push_due.is_none() {
+            // A lone write goes out at once; only writes that follow a
+            // push within the window wait, and leave together.
+            let window_end = self
+                .last_push_at
+                .map_or(now, |at| at + self.config.push_delay_ms);
+            self.push_due = Some(window_end.max(now));
+        }
         Ok(())
     }
 
@@ -708,8 +783,8 @@ impl Engine {
         [
             Some(self.trickle.next_deadline()),
             self.push_due,
-            self.tail.map(|tail| tail.due),
-            self.bucket_digests_due.map(|(due, _)| due),
+            self.tail.as_ref().map(|tail| tail.due),
+            self.bucket_digests_due.map(|digests| digests.due),
             self.repair_due,
             self.reassembly.next_deadline(),
             Some(self.last_heard_other + self.config.quiet_period_ms),
@@ -731,21 +806,35 @@ impl Engine {
         if self.trickle.on_timeout(now, &mut self.rng) {
             self.send_summary();
         }
-        if let Some(mut tail) = self.tail.filter(|tail| tail.due <= now) {
-            if !tail.consistent_heard {
-                self.send_summary();
+        if let Some(mut tail) = self.tail.take_if(|tail| tail.due <= now) {
+            if tail.repeats_left > 0 {
+                tail.repeats_left -= 1;
+                let keys = if tail.repeats_left == 0 {
+                    std::mem::take(&mut tail.repeat)
+                } else {
+                    tail.repeat.clone()
+                };
+                self.send_pushed(keys);
+            } else {
+                if !tail.consistent_heard {
+                    self.send_summary();
+                }
+                tail.remaining = tail.remaining.saturating_sub(1);
+                tail.consistent_heard = false;
             }
-            tail.remaining -= 1;
-            tail.consistent_heard = false;
-            tail.gap_ms *= 2;
             tail.due = now + tail.gap_ms;
+            tail.gap_ms *= 2;
             self.tail = (tail.remaining > 0).then_some(tail);
         }
-        if let Some((due, against)) = self.bucket_digests_due {
-            if due <= now {
-                self.bucket_digests_due = None;
-                if self.store.digest() != against {
-                    self.send_bucket_digests();
+        if let Some(mut digests) = self.bucket_digests_due.filter(|d| d.due <= now) {
+            self.bucket_digests_due = None;
+            if self.store.digest() != digests.against && self.charge_answer(digests.charge_to) {
+                self.send_bucket_digests();
+                if digests.request && digests.requests_left > 1 {
+                    // Asked for a repair: ask again if none comes.
+                    digests.requests_left -= 1;
+                    digests.due = now + self.config.repair_wait_ms;
+                    self.bucket_digests_due = Some(digests);
                 }
             }
         }
@@ -825,22 +914,57 @@ impl Engine {
         if header.sender == self.node_id {
             return self.on_own_id(now, &message);
         }
-        if let Err(reason) = self.hear_peer(now, &header) {
-            return self.count_drop(reason);
+        let missed_some = match self.hear_peer(now, &header) {
+            Ok(missed_some) => missed_some,
+            Err(reason) => return self.count_drop(reason),
+        };
+        let earned = (bytes.len() as u64).saturating_mul(self.config.answer_bytes_per_byte_max);
+        let credit_max = self.config.answer_credit_bytes_max;
+        if let Some(peer) = self.peers.get_mut(&header.sender) {
+            peer.answer_credit = peer.answer_credit.saturating_add(earned).min(credit_max);
         }
         if header.flags & wire::FLAG_LOSS_SEEN != 0 {
             self.loss_heard_at = Some(now);
         }
+        // Only a push tells of writes we may have missed; a summary or
+        // digests show any difference by themselves, and a missed repair is
+        // asked for again by the request it answered.
+        let push = match &message {
+            Message::Entries(entries) => entries.repair.is_none(),
+            Message::Fragment(_) => true,
+            Message::Summary(_) | Message::BucketDigests(_) => false,
+        };
         match message {
             Message::Summary(summary) => {
                 if let Some(peer) = self.peers.get_mut(&header.sender) {
                     peer.last_digest = Some(summary.digest);
                 }
-                self.on_summary(now, summary)
+                self.on_summary(now, header.sender, summary)
             }
             Message::Entries(entries) => self.on_entries(now, header.sender, entries),
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
-            Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
+            Message::BucketDigests(digests) => self.on_bucket_digests(now, header.sender, digests),
+        }
+        // A sender that has seen loss follows its push with a tail itself.
+        let sender_tails = header.flags & wire::FLAG_LOSS_SEEN != 0;
+        if missed_some && push && !sender_tails {
+            self.probe_after_gap(now);
+        }
+    }
+
+    /// We missed a datagram from a peer. If it held data, a summary from us
+    /// soon shows the difference and starts the repair, instead of waiting
+    /// for the next Trickle summary (up to Imax away). One probe, at most
+    /// one per `gap_probe_interval_ms`: on a lossy LAN probes are lost too,
+    /// and each loss noticed must not set off a chain of probes.
+    fn probe_after_gap(&mut self, now: u64) {
+        let probed_lately = self
+            .last_gap_probe
+            .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
+        let exchanging = self.bucket_digests_due.is_some() || !self.repair_queue.is_empty();
+        if self.tail.is_none() && !probed_lately && !exchanging {
+            self.last_gap_probe = Some(now);
+            self.start_tail(now, 1);
         }
     }
 
@@ -871,9 +995,10 @@ impl Engine {
     }
 
     /// Our node id with another boot id: a clone, or a replay of one of our
-    /// earlier boots. Only a summary sent after we started (by its clock,
-    /// which summaries stamp with the sender's current time) and within the
-    /// clock bound counts as a clone; then the id changes, at most once per
+    /// earlier boots. Only a summary whose clock (the sender's newest
+    /// event) is from after we started and within the clock bound counts
+    /// as a clone: a replay of an earlier boot of ours carries an older
+    /// clock. Then the id changes, at most once per
     /// `node_id_change_interval_ms`.
     fn on_own_id(&mut self, now: u64, message: &Message) {
         let Message::Summary(summary) = message else {
@@ -913,7 +1038,8 @@ impl Engine {
     /// Records an authenticated datagram from a peer, or says why it must
     /// be dropped: a replay or a flood changes nothing, not even the
     /// quiet-period timer.
-    fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
+    /// Returns whether a datagram from this peer was missed before this one.
+    fn hear_peer(&mut self, now: u64, header: &Header) -> Result<bool, DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
         let keyed = self.keyring.is_some();
         let mut missed_some = false;
@@ -954,33 +1080,21 @@ impl Engine {
             }
         }
         if missed_some {
-            // We missed a datagram from this sender. If it held data, a
-            // summary from us soon shows the difference and starts the
-            // repair, instead of waiting for the next Trickle summary (up to
-            // Imax away).
-            // One probe, at most one per `gap_probe_interval_ms`: on a lossy
-            // LAN probes are lost too, and each loss noticed must not set
-            // off a chain of probes.
             self.loss_seen_at = Some(now);
-            let probed_lately = self
-                .last_gap_probe
-                .is_some_and(|at| now.saturating_sub(at) < self.config.gap_probe_interval_ms);
-            if self.tail.is_none() && !probed_lately {
-                self.last_gap_probe = Some(now);
-                self.start_tail(now, 1);
-            }
         }
         self.last_heard_other = now;
-        Ok(())
+        Ok(missed_some)
     }
 
-    fn on_summary(&mut self, now: u64, summary: Summary) {
+    fn on_summary(&mut self, now: u64, sender: NodeId, summary: Summary) {
         if summary.clock > self.remote_limit() {
             return self.count_drop(DropReason::ClockAhead);
         }
+        // Newer than anything we have seen: the sender holds something we
+        // lack (a lost push, most likely), so our digests ask for it.
+        let behind = summary.clock > self.clock.high_water();
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
-            self.difference_heard_at = None;
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -989,30 +1103,95 @@ impl Engine {
         }
         self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
-        // digests; whichever side holds newer buckets then sends them.
-        // Digests (up to 5 kB) answer a difference only when it is heard
-        // again after our own summary (which the reset sends soon) went
-        // out: a real peer that differs keeps saying so, one round later,
-        // while a single forged summary draws a few summaries, not 100x
-        // its size in digests.
-        self.trickle.reset(now, &mut self.rng);
-        let digest = self.store.digest();
-        let confirmed = match (self.difference_heard_at, self.announced) {
-            (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
-            _ => false,
-        };
-        if !confirmed {
-            self.difference_heard_at.get_or_insert(now);
-        } else if self.repair_queue.is_empty() {
-            self.difference_heard_at = None;
-            self.schedule_bucket_digests(now, summary.digest);
+        // digests; whichever side holds newer buckets then sends them. No
+        // Trickle reset (RFC 6206 rule 6): the exchange that follows is the
+        // fast path, and a reset would make every gateway that heard the
+        // difference send summaries through ten doublings back to Imax.
+        if self.repair_queue.is_empty() {
+            // An empty store announcing itself is a join: answered without
+            // charging the joiner (it has sent one summary), but like the
+            // join's repair at most once per `repair_bucket_interval_ms`.
+            let charge_to = if summary.entries == 0 {
+                let interval = self.config.repair_bucket_interval_ms;
+                if self
+                    .join_answered_at
+                    .is_some_and(|at| now.saturating_sub(at) < interval)
+                {
+                    self.counters.repairs_paced += 1;
+                    return;
+                }
+                self.join_answered_at = Some(now);
+                None
+            } else {
+                Some(sender)
+            };
+            self.schedule_bucket_digests(now, charge_to, summary.digest, behind);
         }
     }
 
-    fn schedule_bucket_digests(&mut self, now: u64, against: u64) {
-        if self.bucket_digests_due.is_none() {
-            let due = now + self.random_delay();
-            self.bucket_digests_due = Some((due, against));
+    fn schedule_bucket_digests(
+        &mut self,
+        now: u64,
+        from: Option<NodeId>,
+        against: u64,
+        request: bool,
+    ) {
+        match self.bucket_digests_due.as_mut() {
+            Some(digests) => {
+                if request && !digests.request {
+                    digests.request = true;
+                    digests.against = against;
+                }
+            }
+            None => {
+                // A request waits half as long as an answer: it is what the
+                // answers wait for.
+                let delay = if request {
+                    self.random_delay() / 2
+                } else {
+                    self.random_delay()
+                };
+                self.bucket_digests_due = Some(DigestsDue {
+                    due: now + delay,
+                    against,
+                    request,
+                    requests_left: self.config.repair_requests_max.max(1),
+                    charge_to: from,
+                });
+            }
+        }
+    }
+
+    /// Takes the size of our bucket digests from `peer`'s answer credit;
+    /// false (and counted) when it has not earned them.
+    fn charge_answer(&mut self, peer: Option<NodeId>) -> bool {
+        let Some(peer) = peer else {
+            return true;
+        };
+        let buckets = (0..BUCKETS)
+            .filter(|&bucket| self.store.bucket_summary(bucket).count > 0)
+            .count();
+        let per_datagram = (self.payload_bytes_max() - BUCKET_DIGESTS_PREFIX) / BUCKET_DIGEST_LEN;
+        let datagrams = buckets.div_ceil(per_datagram.max(1)).max(1);
+        let overhead = HEADER_LEN + self.config.seal_overhead_bytes + BUCKET_DIGESTS_PREFIX;
+        let cost = (buckets * BUCKET_DIGEST_LEN + datagrams * overhead) as u64;
+        match self.peers.get_mut(&peer) {
+            Some(peer) if peer.answer_credit >= cost => {
+                peer.answer_credit -= cost;
+                true
+            }
+            _ => {
+                self.counters.answers_over_credit += 1;
+                false
+            }
+        }
+    }
+
+    /// A repair request like ours is out (or a repair is arriving): ours
+    /// waits, and goes only if we still differ by then.
+    fn postpone_repair_request(&mut self, now: u64) {
+        if let Some(digests) = self.bucket_digests_due.as_mut().filter(|d| d.request) {
+            digests.due = digests.due.max(now + self.config.repair_wait_ms);
         }
     }
 
@@ -1054,7 +1233,7 @@ impl Engine {
         merged
     }
 
-    fn on_entries(&mut self, now: u64, _sender: NodeId, entries: Entries) {
+    fn on_entries(&mut self, now: u64, sender: NodeId, entries: Entries) {
         let mut sender_is_behind = false;
         for entry in entries.entries {
             let stored_newer = self
@@ -1065,7 +1244,7 @@ impl Engine {
             sender_is_behind |= stored_newer;
         }
         if let Some(tag) = entries.repair {
-            self.hear_repair(now, tag);
+            self.hear_repair(now, sender, tag);
         }
         if sender_is_behind {
             // Method step 4: we hold newer data than what we heard, so we
@@ -1074,16 +1253,24 @@ impl Engine {
         }
     }
 
-    /// Another gateway is answering a repair. If it sent what we would have
-    /// sent for that bucket, drop it from our queue; either way let it go on
-    /// alone for a while, so one gateway answers instead of all of them.
-    fn hear_repair(&mut self, now: u64, tag: RepairTag) {
+    /// Another gateway is answering a repair request. If it holds what we
+    /// hold in that bucket, it answers for us too: we drop our whole queue
+    /// (the requester asks again for anything still missing) unless ours
+    /// started first; of two that started, the lower node id goes on.
+    /// Otherwise let it go on alone for a while.
+    fn hear_repair(&mut self, now: u64, sender: NodeId, tag: RepairTag) {
+        self.postpone_repair_request(now);
         let bucket = tag.bucket as usize % BUCKETS;
-        if self.store.bucket_summary(bucket).digest == tag.digest {
+        let same_data = self.store.bucket_summary(bucket).digest == tag.digest;
+        if same_data {
             self.repair_queue.remove(&tag.bucket);
+            if !self.repairing || sender < self.node_id {
+                self.repair_queue.clear();
+            }
         }
         if self.repair_queue.is_empty() {
             self.repair_due = None;
+            self.repairing = false;
         } else if let Some(due) = self.repair_due {
             let defer = now + self.config.response_window_ms + self.random_delay();
             self.repair_due = Some(due.max(defer));
@@ -1118,7 +1305,7 @@ impl Engine {
         }
     }
 
-    fn on_bucket_digests(&mut self, now: u64, digests: BucketDigests) {
+    fn on_bucket_digests(&mut self, now: u64, sender: NodeId, digests: BucketDigests) {
         let limit = self.remote_limit();
         if digests
             .buckets
@@ -1128,14 +1315,25 @@ impl Engine {
             return self.count_drop(DropReason::ClockAhead);
         }
         if digests.digest == self.store.digest() {
-            // An answer identical to ours is already out.
-            self.bucket_digests_due = None;
+            // An answer identical to ours is already out. A request of ours
+            // only waits: the one heard may go unanswered for us.
+            if self.bucket_digests_due.is_some_and(|d| d.request) {
+                self.postpone_repair_request(now);
+            } else {
+                self.bucket_digests_due = None;
+            }
             return;
         }
         self.loss_seen_at = Some(now);
         let mut listed = digests.buckets.iter().peekable();
         let mut we_need = false;
         let mut newly_queued = false;
+        let mut first_to_answer = false;
+        // Drawn once per request: whether we stand by for buckets whose
+        // newest entry is not ours.
+        let volunteers = self.config.repair_volunteers as u64;
+        let others = self.peers.len().max(1) as u64;
+        let volunteer = self.rng.random_range(0..others) < volunteers;
         for bucket in digests.first..digests.end.min(BUCKETS as u16) {
             let theirs = match listed.peek() {
                 Some(&&(index, summary)) if index == bucket => {
@@ -1157,11 +1355,17 @@ impl Engine {
                 let interval = self.config.repair_bucket_interval_ms;
                 let repaired_lately = self.bucket_repaired_at[bucket as usize]
                     .is_some_and(|at| now.saturating_sub(at) < interval);
+                let newest_is_ours = self
+                    .store
+                    .bucket_entries(bucket as usize)
+                    .max_by_key(|(_, entry)| entry.version)
+                    .is_some_and(|(_, entry)| entry.version.origin == self.node_id);
                 if repaired_lately {
                     // Served within the window: that answer serves this
                     // request too, however many arrive.
                     self.counters.repairs_paced += 1;
-                } else {
+                } else if newest_is_ours || volunteer {
+                    first_to_answer |= newest_is_ours;
                     newly_queued |= self.repair_queue.insert(bucket);
                 }
             }
@@ -1170,10 +1374,19 @@ impl Engine {
             }
         }
         if newly_queued && self.repair_due.is_none() {
-            self.repair_due = Some(now + self.random_delay());
+            // The origin of the newest data answers within the first
+            // quarter of the window, volunteers after it: they hear the
+            // origin's answer and stay quiet.
+            let window = self.config.response_window_ms.max(4);
+            let delay = if first_to_answer {
+                self.rng.random_range(0..window / 4)
+            } else {
+                window / 4 + self.rng.random_range(0..window - window / 4)
+            };
+            self.repair_due = Some(now + delay);
         }
         if we_need {
-            self.schedule_bucket_digests(now, digests.digest);
+            self.schedule_bucket_digests(now, Some(sender), digests.digest, true);
         }
     }
 
@@ -1230,21 +1443,18 @@ impl Engine {
     }
 
     fn send_summary(&mut self) {
-        // The clock field tells the sender's current time (not only its
-        // last event), so a clone's summary is told from a replay of ours.
         // Capped at the bound, so a gateway whose clock was set back after
         // running ahead is not refused by everyone until time catches up.
         let physical_ms = self.physical_ms(self.now);
-        let high_water = self
+        let clock = self
             .clock
             .high_water()
             .min(remote_limit(physical_ms, self.config.clock_ahead_max_ms));
         let summary = Summary {
             digest: self.store.digest(),
             entries: self.store.len() as u32,
-            clock: high_water.max(Hlc::new(physical_ms, 0)),
+            clock,
         };
-        self.announced = Some((summary.digest, self.now));
         self.send(&Message::Summary(summary));
     }
 
@@ -1253,7 +1463,28 @@ impl Engine {
     }
 
     fn flush_push(&mut self, now: u64) {
-        let keys = std::mem::take(&mut self.pending_push);
+        self.last_push_at = Some(now);
+        let keys: Vec<String> = std::mem::take(&mut self.pending_push).into_iter().collect();
+        let sent = self.send_pushed(keys.clone());
+        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
+        if lossy {
+            self.start_tail(now, self.config.tail_summaries);
+            let peers = self.peers.len();
+            let repeat_min = self.config.tail_repeat_peers_min.max(1);
+            let repeats = if peers >= 8 * repeat_min {
+                2
+            } else {
+                u32::from(peers >= repeat_min)
+            };
+            if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && repeats > 0) {
+                tail.repeat = keys;
+                tail.repeats_left = repeats;
+            }
+        }
+    }
+
+    /// Pushes the current entries of `keys`; returns the datagrams sent.
+    fn send_pushed(&mut self, keys: Vec<String>) -> usize {
         let entries: Vec<(String, Entry)> = keys
             .into_iter()
             .filter_map(|key| self.store.get(&key).map(|entry| (key, entry.to_owned())))
@@ -1261,27 +1492,25 @@ impl Engine {
         self.send_entries(
             None,
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        );
-        let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
-        if lossy {
-            self.start_tail(now, self.config.tail_summaries);
-        }
+        )
     }
 
-    /// Schedules `count` tail summaries: the first in `[Imin/4, Imin/2)`
+    /// Schedules `count` tail summaries: the first in `[Imin/8, Imin/4)`
     /// (long after the push itself has crossed a LAN, soon enough that a
-    /// repair fits in a few hundred ms even when a tail is lost too), the
-    /// next ones after doubling gaps from `Imin/2`.
+    /// repair fits in well under 100 ms), the next ones after doubling gaps
+    /// from `Imin/4`.
     fn start_tail(&mut self, now: u64, count: u32) {
         if count == 0 {
             return;
         }
-        let imin = self.config.trickle.imin_ms.max(4);
+        let imin = self.config.trickle.imin_ms.max(8);
         self.tail = Some(Tail {
-            due: now + imin / 4 + self.rng.random_range(0..imin / 4),
-            gap_ms: imin / 2,
+            due: now + imin / 8 + self.rng.random_range(0..imin / 8),
+            gap_ms: imin / 4,
             remaining: count,
             consistent_heard: false,
+            repeat: Vec::new(),
+            repeats_left: 0,
         });
     }
 
@@ -1400,8 +1629,10 @@ impl Engine {
             return;
         }
         let Some(bucket) = self.repair_queue.pop_first() else {
+            self.repairing = false;
             return;
         };
+        self.repairing = !self.repair_queue.is_empty();
         self.bucket_repaired_at[bucket as usize] = Some(now);
         let bytes_before = self.counters.bytes_sent;
         let tag = RepairTag {

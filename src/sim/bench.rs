@@ -1,0 +1,405 @@
+//! The simulator benchmark: gwsync against the bare method, in message
+//! counts and virtual time, deterministic for a given plan. The `simbench`
+//! example prints it; a test checks a small plan against a committed
+//! snapshot (`bench/simbench-snapshot.txt`), so a change in any figure shows
+//! up in review.
+//!
+//! Per row (system, n, loss):
+//! - datagrams/bytes per update: one single-key write into a settled group
+//!   of 10 entries, counted until the group holds it everywhere and is back
+//!   to its periodic rhythm, minus the periodic traffic of that time;
+//! - convergence p50/p99: virtual ms from the write until every gateway
+//!   holds it (over seeds x updates);
+//! - steady datagrams per Imax interval for the whole group;
+//! - join: a fresh gateway joins a group holding `join_keys` keys (about
+//!   100 bytes each): bytes sent by everyone until it holds everything,
+//!   divided by the store size, and the time it took;
+//! - partition: two halves write different keys while apart, then heal:
+//!   how many of the writes survive.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use rand::Rng;
+
+use super::{BareMethod, Factory, Medium, Sim, engine_factory};
+use crate::engine::Config;
+
+/// What to run. Every figure is a pure function of the plan.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub ns: Vec<usize>,
+    pub losses: Vec<u32>,
+    /// Seeds `0..seeds` for the update figures.
+    pub seeds: u64,
+    pub updates_per_seed: usize,
+    /// Keys in the store a joining gateway fetches (10,000: about 1 MB).
+    /// 0 skips the join figures.
+    pub join_keys: usize,
+    pub partition_writes: usize,
+    pub config: Config,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            ns: vec![3, 8, 32, 128],
+            losses: vec![0, 10, 30],
+            seeds: 3,
+            updates_per_seed: 5,
+            join_keys: 10_000,
+            partition_writes: 20,
+            config: Config::default(),
+        }
+    }
+}
+
+impl Plan {
+    /// Small enough for the test suite in a debug build, large enough to
+    /// show loss, suppression and joins.
+    pub fn snapshot() -> Plan {
+        Plan {
+            ns: vec![3, 16],
+            losses: vec![0, 10, 30],
+            seeds: 1,
+            updates_per_seed: 3,
+            join_keys: 300,
+            partition_writes: 6,
+            config: Config::default(),
+        }
+    }
+}
+
+const LIMIT_MS: u64 = 60 * 60_000;
+
+/// How long a join may take before it counts as never converging. The bare
+/// method at 10 % loss needs every one of ~800 datagrams of one transfer.
+const JOIN_LIMIT_MS: u64 = 10 * 60_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum System {
+    Gwsync,
+    Bare,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Gwsync => "gwsync",
+            System::Bare => "bare-method",
+        }
+    }
+
+    fn factory(self, config: &Config) -> Factory {
+        match self {
+            System::Gwsync => engine_factory(config.clone()),
+            // The bare method's random request interval is set to gwsync's
+            // Imax, so both spend the same idle budget per gateway.
+            System::Bare => BareMethod::factory(config.trickle.imax_ms, config.datagram_bytes_max),
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub system: System,
+    pub n: usize,
+    pub loss: u32,
+    pub k: u32,
+    pub datagrams_per_update: f64,
+    pub bytes_per_update: f64,
+    pub converge_ms_p50: u64,
+    pub converge_ms_p99: u64,
+    pub steady_datagrams_per_interval: f64,
+    /// `None`: not simulated (see [`run_row`]).
+    pub join_bytes_ratio: Option<f64>,
+    /// `None`: some join did not converge within `JOIN_LIMIT_MS`.
+    pub join_converge_ms: Option<u64>,
+    /// `None` under loss (measured on a clean LAN only).
+    pub partition_writes_kept: Option<usize>,
+    pub partition_writes: usize,
+    pub seeds: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn holds_everywhere(sim: &Sim, key: &str, value: &[u8]) -> bool {
+    (0..sim.len()).all(|node| {
+        sim.gateway(node)
+            .is_some_and(|g| g.data().get(key).map(Vec::as_slice) == Some(value))
+    })
+}
+
+fn all_equal(sim: &Sim, expected: &BTreeMap<String, Vec<u8>>) -> bool {
+    (0..sim.len()).all(|node| sim.gateway(node).is_some_and(|g| &g.data() == expected))
+}
+
+struct UpdateFigures {
+    datagrams: Vec<f64>,
+    bytes: Vec<f64>,
+    converge_ms: Vec<u64>,
+    steady_per_interval: f64,
+}
+
+fn medium(loss: u32) -> Medium {
+    Medium {
+        loss_percent: loss,
+        ..Medium::default()
+    }
+}
+
+fn measure_updates(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> UpdateFigures {
+    let config = &plan.config;
+    let imax = config.trickle.imax_ms;
+    let mut sim = Sim::new(seed, n, medium(loss), system.factory(config));
+    for i in 0..10 {
+        sim.write(
+            i % n,
+            &format!("room/{i}"),
+            Some(b"{\"name\":\"room\",\"lights\":null}"),
+        );
+    }
+    sim.run_for(20 * imax);
+    // The periodic rate, measured on this very group.
+    let before = sim.traffic();
+    sim.run_for(10 * imax);
+    let steady = sim.traffic();
+    let steady_datagrams_per_ms = (steady.datagrams - before.datagrams) as f64 / (10 * imax) as f64;
+    let steady_bytes_per_ms = (steady.bytes - before.bytes) as f64 / (10 * imax) as f64;
+
+    let mut figures = UpdateFigures {
+        datagrams: Vec::new(),
+        bytes: Vec::new(),
+        converge_ms: Vec::new(),
+        steady_per_interval: steady_datagrams_per_ms * imax as f64,
+    };
+    for update in 0..plan.updates_per_seed {
+        let writer = sim.rng().random_range(0..n);
+        let key = format!("room/{}", update % 10);
+        let value = format!("{{\"name\":\"room\",\"lights\":{update}}}");
+        let start = sim.traffic();
+        sim.write(writer, &key, Some(value.as_bytes()));
+        let converge = sim.run_until_condition(LIMIT_MS, |sim| {
+            holds_everywhere(sim, &key, value.as_bytes())
+        });
+        let settle = sim.run_until_condition(LIMIT_MS, Sim::settled);
+        let (Some(converge), Some(settle)) = (converge, settle) else {
+            panic!(
+                "{} n={n} loss={loss} seed={seed}: update {update} did not settle",
+                system.name()
+            );
+        };
+        let elapsed = (converge + settle) as f64;
+        let end = sim.traffic();
+        figures.converge_ms.push(converge);
+        figures.datagrams.push(
+            ((end.datagrams - start.datagrams) as f64 - steady_datagrams_per_ms * elapsed).max(0.0),
+        );
+        figures
+            .bytes
+            .push(((end.bytes - start.bytes) as f64 - steady_bytes_per_ms * elapsed).max(0.0));
+        sim.run_for(imax);
+    }
+    figures
+}
+
+/// Returns (bytes sent by everyone / store bytes, virtual ms to converge);
+/// the time is `None` when the joiner had not converged by the limit.
+fn measure_join(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> (f64, Option<u64>) {
+    let mut sim = Sim::new(seed, n - 1, medium(loss), system.factory(&plan.config));
+    let mut expected = BTreeMap::new();
+    let mut store_bytes = 0;
+    // One gateway writes the whole set, so both systems start from one
+    // agreed data set.
+    for i in 0..plan.join_keys {
+        let key = format!("home/{}/device/{i}", i % 7);
+        let value = format!(
+            "{{\"name\":\"device {i}\",\"label\":\"living room lamp\",\"room\":{},\"on\":false,\"level\":{}}}",
+            i % 31,
+            i % 100
+        );
+        store_bytes += key.len() + value.len();
+        sim.write(0, &key, Some(value.as_bytes()));
+        expected.insert(key, value.into_bytes());
+    }
+    sim.run_until_condition(LIMIT_MS, |sim| all_equal(sim, &expected))
+        .unwrap_or_else(|| panic!("{} n={n} seed={seed}: store did not spread", system.name()));
+    // Back to the periodic rhythm before the joiner arrives. Waiting for it
+    // (rather than a fixed time) spares the bare method, which is always at
+    // its rhythm, minutes of re-sending the whole set.
+    sim.run_until_condition(LIMIT_MS, Sim::settled)
+        .unwrap_or_else(|| panic!("{} n={n} seed={seed}: did not settle", system.name()));
+    let before = sim.traffic();
+    let joiner = sim.add_node();
+    sim.trigger(joiner);
+    let took = sim.run_until_condition(JOIN_LIMIT_MS, |sim| {
+        sim.gateway(joiner).is_some_and(|g| g.data() == expected)
+    });
+    let bytes = sim.traffic().bytes - before.bytes;
+    (bytes as f64 / store_bytes as f64, took)
+}
+
+/// Two halves write different keys while apart; returns how many of the
+/// writes every gateway holds after the heal.
+fn measure_partition(plan: &Plan, system: System, n: usize, seed: u64) -> usize {
+    let config = &plan.config;
+    let mut sim = Sim::new(seed, n, Medium::default(), system.factory(config));
+    sim.run_for(config.trickle.imax_ms);
+    for node in 0..n {
+        sim.set_partition(node, (node % 2) as u32 + 1);
+    }
+    let mut written = Vec::new();
+    for i in 0..plan.partition_writes {
+        let key = format!("scene/{i}");
+        sim.write(i % n, &key, Some(b"{\"on\":true}"));
+        written.push(key);
+        sim.run_for(1_000);
+    }
+    sim.heal();
+    sim.run_for(20 * config.trickle.imax_ms);
+    written
+        .iter()
+        .filter(|key| {
+            (0..n).all(|node| {
+                sim.gateway(node)
+                    .is_some_and(|g| g.data().contains_key(key.as_str()))
+            })
+        })
+        .count()
+}
+
+/// Measures one row.
+pub fn run_row(plan: &Plan, system: System, n: usize, loss: u32) -> Row {
+    let mut datagrams = Vec::new();
+    let mut bytes = Vec::new();
+    let mut converge = Vec::new();
+    let mut steady = Vec::new();
+    for seed in 0..plan.seeds {
+        let figures = measure_updates(plan, system, n, loss, seed);
+        datagrams.extend(figures.datagrams);
+        bytes.extend(figures.bytes);
+        converge.extend(figures.converge_ms);
+        steady.push(figures.steady_per_interval);
+    }
+    converge.sort_unstable();
+    // One join per row: a join is a thousand-datagram transfer whose figure
+    // moves little from seed to seed.
+    // The bare method at N >= 32 under loss re-sends the whole set from
+    // every gateway every interval without ever completing a transfer:
+    // about 10^8 simulated deliveries per minute at N = 128, and at N = 32
+    // (where it never converges either) the run's longest part.
+    let bare_lossy_join_too_slow =
+        system == System::Bare && loss > 0 && n * plan.join_keys >= 128 * 10_000;
+    let joins: Vec<(f64, Option<u64>)> = if bare_lossy_join_too_slow || plan.join_keys == 0 {
+        Vec::new()
+    } else {
+        vec![measure_join(plan, system, n, loss, 0)]
+    };
+    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+    Row {
+        system,
+        n,
+        loss,
+        k: plan.config.trickle.k,
+        datagrams_per_update: mean(&datagrams),
+        bytes_per_update: mean(&bytes),
+        converge_ms_p50: percentile(&converge, 50.0),
+        converge_ms_p99: percentile(&converge, 99.0),
+        steady_datagrams_per_interval: mean(&steady),
+        join_bytes_ratio: (!joins.is_empty())
+            .then(|| mean(&joins.iter().map(|j| j.0).collect::<Vec<_>>())),
+        join_converge_ms: joins
+            .iter()
+            .map(|j| j.1)
+            .collect::<Option<Vec<u64>>>()
+            .map(|t| t.into_iter().max().unwrap_or(0)),
+        partition_writes_kept: (loss == 0 && plan.partition_writes > 0)
+            .then(|| measure_partition(plan, system, n, 0)),
+        partition_writes: plan.partition_writes,
+        seeds: plan.seeds,
+    }
+}
+
+/// Every row of the plan, gwsync and the bare method side by side, in
+/// table order; `each` sees each row as soon as it is measured.
+pub fn run(plan: &Plan, mut each: impl FnMut(&Row)) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &n in &plan.ns {
+        for &loss in &plan.losses {
+            for system in [System::Gwsync, System::Bare] {
+                let row = run_row(plan, system, n, loss);
+                each(&row);
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
+pub const TABLE_HEADER: &str = "system          n loss%  k dgrams/upd  bytes/upd conv_p50 conv_p99  steady/I   join_x   join_ms part_kept seeds";
+
+impl Row {
+    /// The row as a line of the text table under [`TABLE_HEADER`].
+    pub fn table_line(&self) -> String {
+        let kept = match self.partition_writes_kept {
+            Some(kept) => format!("{kept}/{}", self.partition_writes),
+            None => "-".into(),
+        };
+        let (join_x, join_ms) = match self.join_bytes_ratio {
+            None => ("-".to_owned(), "-".to_owned()),
+            Some(ratio) => (
+                format!("{ratio:.2}"),
+                self.join_converge_ms
+                    .map_or("never".into(), |ms| ms.to_string()),
+            ),
+        };
+        format!(
+            "{:<12} {:>4} {:>5} {:>2} {:>10.2} {:>10.0} {:>8} {:>8} {:>9.2} {:>8} {:>9} {:>9} {:>5}",
+            self.system.name(),
+            self.n,
+            self.loss,
+            self.k,
+            self.datagrams_per_update,
+            self.bytes_per_update,
+            self.converge_ms_p50,
+            self.converge_ms_p99,
+            self.steady_datagrams_per_interval,
+            join_x,
+            join_ms,
+            kept,
+            self.seeds
+        )
+    }
+
+    /// The row as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "system": self.system.name(), "n": self.n, "loss": self.loss, "k": self.k,
+            "datagrams_per_update": self.datagrams_per_update,
+            "bytes_per_update": self.bytes_per_update,
+            "converge_ms_p50": self.converge_ms_p50, "converge_ms_p99": self.converge_ms_p99,
+            "steady_datagrams_per_interval": self.steady_datagrams_per_interval,
+            "join_bytes_ratio": self.join_bytes_ratio, "join_converge_ms": self.join_converge_ms,
+            "partition_writes_kept": self.partition_writes_kept,
+            "partition_writes": self.partition_writes,
+            "seeds": self.seeds,
+        })
+    }
+}
+
+/// The whole table as text.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{TABLE_HEADER}");
+    for row in rows {
+        let _ = writeln!(out, "{}", row.table_line());
+    }
+    out
+}
