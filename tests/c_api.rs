@@ -891,3 +891,97 @@ fn install_script_gives_a_prefix_that_pkg_config_and_cc_use() {
         "names the key: {stdout}"
     );
 }
+
+/// A tmpfs mounted for one test, unmounted on drop even when it fails.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` to the last byte; returns the file.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    while file.write_all(&chunk[..1]).is_ok() {}
+    path
+}
+
+#[test]
+fn a_c_write_on_a_full_state_disk_says_not_persisted_and_nothing_acknowledged_is_lost() {
+    if !can_build_c() {
+        return;
+    }
+    if !common::is_root() {
+        common::skip("mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = TempDir::new("c-api-full-disk");
+    let flash = dir.path().join("flash");
+    std::fs::create_dir(&flash).unwrap();
+    common::run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=256k,mode=0700",
+            "gwsync-test",
+            flash.to_str().unwrap(),
+        ],
+    );
+    let flash = Tmpfs(flash);
+    let state_dir = flash.0.join("gw");
+    let mut command = target_command(compile("tests/c/node.c"));
+    command
+        .env("GWSYNC_TEST_STATE_DIR", &state_dir)
+        .arg(unique_port().to_string())
+        .arg(node_id(5));
+    let mut node = Program::spawn("node 5", command, SYNC_TIMEOUT);
+    node.expect_line(&format!("ready {}", node_id(5)));
+    node.ask("set before 1", &["ok set", "err"]);
+
+    let filler = fill(&flash.0);
+    // Acknowledged within the debounce window, before any save failed.
+    assert_eq!(node.ask("set during 1", &["ok set", "err"]), "ok set");
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    let refused = loop {
+        let answer = node.ask("set refused 1", &["ok set", "err"]);
+        if answer.starts_with("err") || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused.starts_with(&format!("err {} ", gwsync::ffi::GWSYNC_ERR_NOT_PERSISTED)),
+        "{refused}"
+    );
+    assert!(refused.contains("NOT saved"), "{refused}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let answer = node.ask("set after 1", &["ok set", "err"]);
+        if answer == "ok set" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "saving never recovered: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.send("quit");
+    node.wait();
+    let saved = std::fs::read_to_string(state_dir.join("state.json")).unwrap();
+    for key in ["before", "during", "refused", "after"] {
+        assert!(
+            saved.contains(&format!("\"k\":\"{key}\"")),
+            "{key}: {saved}"
+        );
+    }
+}

@@ -74,11 +74,17 @@ int main(int argc, char **argv)
     char key[300] = ",\"open\":true";
     if (argc == 4)
         snprintf(key, sizeof key, ",\"key_file\":\"%s\"", argv[3]);
-    char config[512];
+    /* A state directory for tests of persistence (no JSON escaping: test
+     * paths hold none of '"' or '\\'). */
+    char state[300] = "";
+    const char *state_dir = getenv("GWSYNC_TEST_STATE_DIR");
+    if (state_dir)
+        snprintf(state, sizeof state, ",\"state_dir\":\"%s\"", state_dir);
+    char config[1024];
     snprintf(config, sizeof config,
              "{\"interfaces\":[\"lo\"],\"port\":%s,\"node_id\":\"%s\","
-             "\"log_level\":\"%s\"%s}",
-             argv[1], argv[2], argc == 4 ? "warn" : "error", key);
+             "\"log_level\":\"%s\"%s%s}",
+             argv[1], argv[2], argc == 4 ? "warn" : "error", key, state);
     gwsync_t *g = gwsync_open(config);
     if (!g) {
         fprintf(stderr, "gwsync_open: %s\n", gwsync_last_error());
