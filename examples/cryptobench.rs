@@ -51,12 +51,14 @@ fn main() {
         black_box(keyring.seal(black_box(&header_bytes), black_box(&payload), &mut rng));
     });
     let open_ns = ns_per_round(|| {
-        black_box(keyring.open(black_box(&sealed)).expect("opens"));
+        let packet = wire::Packet::new_checked(black_box(&sealed)).expect("parses");
+        black_box(keyring.open(&packet).expect("opens"));
     });
     let mut tampered = sealed.clone();
     tampered[HEADER_LEN + 30] ^= 1;
     let reject_ns = ns_per_round(|| {
-        black_box(keyring.open(black_box(&tampered)).unwrap_err());
+        let packet = wire::Packet::new_checked(black_box(&tampered)).expect("parses");
+        black_box(keyring.open(&packet).unwrap_err());
     });
     // The unkeyed baseline: copying the same bytes into a datagram.
     let copy_ns = ns_per_round(|| {

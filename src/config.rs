@@ -460,19 +460,15 @@ struct JsonConfig {
     tombstone_lifetime_s: Option<u64>,
 }
 
-/// Reads a key file (1 or 2 keys) and logs a warning when it is too open.
+/// Reads a key file (1 or 2 keys); a file others may read is logged.
 pub fn load_key_file(path: &Path) -> Result<Vec<GroupKey>, ConfigError> {
-    let (keys, warning) = crypto::load_key_file(path).map_err(|error| {
+    crate::driver::read_key_file(path).map_err(|error| {
         let message = format!("key file {}: {error}", path.display());
         match error {
             KeyFileError::Io(_) => ConfigError::io(message),
             _ => ConfigError::invalid(message),
         }
-    })?;
-    if let Some(warning) = warning {
-        log::warn!("key file {}: {warning}", path.display());
-    }
-    Ok(keys)
+    })
 }
 
 fn is_root() -> bool {
@@ -538,35 +534,6 @@ fn private_dir(create: bool) -> Result<PathBuf, ConfigError> {
         )));
     }
     Ok(dir)
-}
-
-/// Refuses a directory that users other than its owner (and root) may
-/// write into: anyone who can, can replace our files or our socket. A
-/// sticky directory (/tmp) is allowed when `sticky_ok`: there others can
-/// add names but not replace ours.
-pub fn check_dir_not_writable_by_others(dir: &Path, sticky_ok: bool) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-    let uid = nix::unistd::geteuid().as_raw();
-    let mode = meta.mode();
-    let others_write = mode & 0o022 != 0;
-    let sticky = mode & 0o1000 != 0;
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Err(format!(
-            "{} belongs to uid {}, not to us (uid {uid}) or root: refusing to use it",
-            dir.display(),
-            meta.uid()
-        ));
-    }
-    if others_write && !(sticky_ok && sticky) {
-        return Err(format!(
-            "{} is writable by other users (mode {:04o}): they could replace gwsync's files; \
-             chmod go-w it or choose another directory",
-            dir.display(),
-            mode & 0o7777
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //! {"op":"dump"}                         {"ok":true,"data":{"home/1":<JSON>,...}}
 //! {"op":"status"}                       {"ok":true,"status":{...}}
 //! {"op":"trigger","reason":"network-up"} {"ok":true}
+//! {"op":"load","entries":[{"k":"home/1","v":<JSON>},...]}
+//!     {"ok":true,"applied":N,"unchanged":N,"kept_newer":N,"rejected":N,"errors":["..."]}
 //! {"op":"reload"}                       {"ok":true,"keys":<1 or 2>}
 //! {"op":"watch"}                        {"ok":true} then one line per change:
 //!     {"key":"home/1","value":<JSON>,"origin":"<node id>"}
@@ -40,9 +42,11 @@
 //!   (`clients_closed_idle`); a `watch` client with nothing queued is never
 //!   idle;
 //! - [`CLIENTS_MAX`]: when full, a new client evicts the longest-idle client
-//!   that is between requests (`clients_evicted`); only when every client
-//!   is busy is the new one refused (`clients_refused`), logged at most once
-//!   per [`REFUSAL_LOG_INTERVAL_MS`] with the count.
+//!   that is between requests, else the one stalled longest half-way through
+//!   a request (for [`CLIENT_STALLED_REQUEST_MS`]) or a reply (for
+//!   [`CLIENT_STALLED_REPLY_MS`]) (`clients_evicted`); only when every client is making progress is the
+//!   new one refused (`clients_refused`), logged at most once per
+//!   [`REFUSAL_LOG_INTERVAL_MS`] with the count.
 //!
 //! Values are embedded as JSON (not as strings) so the socket is pleasant
 //! to use with `socat`; the daemon still takes them as raw text, so member
@@ -75,6 +79,17 @@ pub const CLIENT_QUEUED_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const CLIENT_IDLE_MS: u64 = 10_000;
 /// Connections served at once.
 pub const CLIENTS_MAX: usize = 32;
+/// When full, a client that sent part of a request and then nothing for
+/// this many milliseconds may be evicted for a new one (the CLI sends a
+/// request in one write; a local socket does not pause mid-line).
+pub const CLIENT_STALLED_REQUEST_MS: u64 = 50;
+/// When full, a client that has not read its reply for this many
+/// milliseconds may be evicted for a new one.
+pub const CLIENT_STALLED_REPLY_MS: u64 = 1_000;
+/// Connections accepted per [`ControlServer::process`] call, so a connect
+/// storm cannot keep the daemon in its accept loop; the rest wait in the
+/// kernel's backlog.
+pub const ACCEPTS_PER_PROCESS_MAX: usize = 64;
 /// At most one "refused a client" log line per this many milliseconds.
 pub const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -98,6 +113,8 @@ pub enum ErrorCode {
     ReloadFailed,
     /// The request is not understood.
     BadRequest,
+    /// The key holds the largest possible version; no write can be newer.
+    VersionExhausted,
 }
 
 impl ErrorCode {
@@ -111,6 +128,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted => "not_persisted",
             ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::VersionExhausted => "version_exhausted",
         }
     }
 
@@ -126,6 +144,7 @@ impl ErrorCode {
             ErrorCode::NotPersisted,
             ErrorCode::ReloadFailed,
             ErrorCode::BadRequest,
+            ErrorCode::VersionExhausted,
         ]
         .into_iter()
         .find(|code| code.name() == name)
@@ -148,6 +167,7 @@ impl From<&SetError> for ErrorCode {
             SetError::Write(WriteError::ValueTooLarge) => ErrorCode::TooLarge,
             SetError::Write(WriteError::StoreFull) => ErrorCode::StoreFull,
             SetError::Write(WriteError::NotFound) => ErrorCode::NotFound,
+            SetError::Write(WriteError::VersionExhausted) => ErrorCode::VersionExhausted,
             SetError::NotPersisted(_) => ErrorCode::NotPersisted,
         }
     }
@@ -254,7 +274,7 @@ impl ControlServer {
                 ),
             ));
         }
-        crate::config::check_dir_not_writable_by_others(parent, true)
+        crate::persist::check_dir_not_writable_by_others(parent, true)
             .map_err(|why| ControlError::Dir(path.to_owned(), why))?;
         if std::fs::symlink_metadata(path).is_ok() {
             if UnixStream::connect(path).is_ok() {
@@ -323,9 +343,17 @@ impl ControlServer {
     /// Accepts, reads, answers and writes whatever is ready; never blocks.
     pub fn process(&mut self, driver: &mut Driver) {
         let now = self.now();
-        loop {
+        for _ in 0..ACCEPTS_PER_PROCESS_MAX {
             match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream, now),
+                Ok((stream, _)) => {
+                    if self.clients.len() >= CLIENTS_MAX {
+                        // Before choosing whom to evict or refuse, answer
+                        // what is waiting and reap clients that hung up (a
+                        // connect storm), so no pending request is lost.
+                        self.service(driver, now);
+                    }
+                    self.admit(stream, now);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
@@ -334,12 +362,7 @@ impl ControlServer {
                 }
             }
         }
-        for index in 0..self.clients.len() {
-            let status_extra = self.status_extra();
-            let client = &mut self.clients[index];
-            client.read(driver, now, &mut self.counters, &status_extra);
-            client.write(now);
-        }
+        self.service(driver, now);
         for client in &mut self.clients {
             if !client.broken
                 && client.may_time_out()
@@ -354,18 +377,44 @@ impl ControlServer {
         self.log_refusals(now);
     }
 
+    /// Reads, answers and writes for every client; drops those finished.
+    fn service(&mut self, driver: &mut Driver, now: u64) {
+        for client in &mut self.clients {
+            client.read(driver, now, &mut self.counters);
+            client.write(now);
+        }
+        self.clients
+            .retain(|client| !(client.broken || client.done_reading && client.outbox.is_empty()));
+    }
+
     fn admit(&mut self, stream: UnixStream, now: u64) {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         if self.clients.len() >= CLIENTS_MAX {
-            let idlest = self
-                .clients
-                .iter()
-                .enumerate()
-                .filter(|(_, client)| client.is_idle())
-                .min_by_key(|(_, client)| client.last_progress_ms)
-                .map(|(index, _)| index);
+            // Idle clients go first, then clients stalled half-way (a
+            // request never finished, a reply not read) for a while; a
+            // client that is making progress is never pushed out.
+            let longest_waiting = |stalled: bool| {
+                self.clients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, client)| {
+                        if stalled {
+                            let quiet = now.saturating_sub(client.last_progress_ms);
+                            if !client.outbox.is_empty() {
+                                quiet >= CLIENT_STALLED_REPLY_MS
+                            } else {
+                                !client.inbox.is_empty() && quiet >= CLIENT_STALLED_REQUEST_MS
+                            }
+                        } else {
+                            client.is_idle()
+                        }
+                    })
+                    .min_by_key(|(_, client)| client.last_progress_ms)
+                    .map(|(index, _)| index)
+            };
+            let idlest = longest_waiting(false).or_else(|| longest_waiting(true));
             match idlest {
                 Some(index) => {
                     self.clients.swap_remove(index);
@@ -409,10 +458,6 @@ impl ControlServer {
         }
     }
 
-    fn status_extra(&self) -> serde_json::Value {
-        serde_json::to_value(&self.counters).unwrap_or_default()
-    }
-
     /// Sends a change to every `watch` client.
     pub fn broadcast(&mut self, change: &ChangeEvent) {
         let line = change_line(change);
@@ -446,13 +491,7 @@ impl Drop for ControlServer {
 }
 
 impl Client {
-    fn read(
-        &mut self,
-        driver: &mut Driver,
-        now: u64,
-        counters: &mut ControlCounters,
-        status_extra: &serde_json::Value,
-    ) {
+    fn read(&mut self, driver: &mut Driver, now: u64, counters: &mut ControlCounters) {
         let mut buf = [0u8; 16 * 1024];
         // One request at a time: the next is taken only once the reply to
         // the previous one has left.
@@ -460,7 +499,7 @@ impl Client {
             if let Some(end) = self.inbox.iter().position(|&byte| byte == b'\n') {
                 let line: Vec<u8> = self.inbox.drain(..=end).collect();
                 counters.requests += 1;
-                let reply = self.answer(driver, &line[..end], counters, status_extra);
+                let reply = self.answer(driver, &line[..end], counters);
                 self.outbox.extend_from_slice(reply.as_bytes());
                 self.outbox.push(b'\n');
                 continue;
@@ -515,9 +554,8 @@ impl Client {
         driver: &mut Driver,
         line: &[u8],
         counters: &mut ControlCounters,
-        status_extra: &serde_json::Value,
     ) -> String {
-        match handle_request(driver, line, status_extra) {
+        match handle_request(driver, line, counters) {
             Ok(Answer::Reply(reply)) => reply,
             Ok(Answer::Watch) => {
                 self.watching = true;
@@ -590,8 +628,8 @@ fn error_reply(code: ErrorCode, message: &str) -> String {
     .unwrap_or_default()
 }
 
-fn write_error(error: SetError) -> (ErrorCode, String) {
-    (ErrorCode::from(&error), error.to_string())
+fn write_error(driver: &Driver, key: &str, value: &str, error: SetError) -> (ErrorCode, String) {
+    (ErrorCode::from(&error), driver.explain(key, value, &error))
 }
 
 /// The fields of one request, each named once, values as raw JSON text.
@@ -656,6 +694,10 @@ pub enum Request {
     Status,
     Trigger(TriggerReason),
     Watch,
+    /// `entries` is the request's JSON array text, unparsed.
+    Load {
+        entries: String,
+    },
     /// Read the key file again.
     Reload,
 }
@@ -703,6 +745,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
             ))?)
         }
         "watch" => Request::Watch,
+        "load" => Request::Load {
+            entries: fields
+                .0
+                .get("entries")
+                .ok_or((ErrorCode::BadRequest, "missing \"entries\"".to_owned()))?
+                .get()
+                .to_owned(),
+        },
         "reload" => Request::Reload,
         other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
     })
@@ -711,35 +761,29 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
 fn handle_request(
     driver: &mut Driver,
     line: &[u8],
-    status_extra: &serde_json::Value,
+    counters: &ControlCounters,
 ) -> Result<Answer, (ErrorCode, String)> {
     let reply = match parse_request(line)? {
         Request::Get { key } => {
-            let value = driver
-                .engine()
-                .get(&key)
-                .ok_or((ErrorCode::NotFound, format!("key not found: {key}")))?;
+            let value = driver.engine().get(&key).ok_or_else(|| {
+                (
+                    ErrorCode::NotFound,
+                    format!("key not found: {}", crate::engine::shown_key(&key)),
+                )
+            })?;
             ok_reply(OkReply {
                 value: Some(StoredValue::of(value)),
                 ..OkReply::default()
             })
         }
         Request::Set { key, value } => {
-            driver.set(&key, &value).map_err(|failure| match failure {
-                SetError::Write(WriteError::ValueTooLarge) => (
-                    ErrorCode::TooLarge,
-                    format!(
-                        "value is too large: {} bytes, the limit is {} bytes",
-                        value.len(),
-                        driver.engine().config().store.value_bytes_max
-                    ),
-                ),
-                other => write_error(other),
-            })?;
+            let result = driver.set(&key, &value);
+            result.map_err(|failure| write_error(driver, &key, &value, failure))?;
             ok_reply(OkReply::default())
         }
         Request::Del { key } => {
-            driver.delete(&key).map_err(write_error)?;
+            let result = driver.delete(&key);
+            result.map_err(|failure| write_error(driver, &key, "", failure))?;
             ok_reply(OkReply::default())
         }
         Request::List { prefix } => ok_reply(OkReply {
@@ -752,7 +796,7 @@ fn handle_request(
         }),
         Request::Status => {
             let mut status = driver.status();
-            status.control = Some(status_extra.clone());
+            status.control = serde_json::to_value(counters).ok();
             ok_reply(OkReply {
                 status: Some(status),
                 ..OkReply::default()
@@ -763,6 +807,20 @@ fn handle_request(
             ok_reply(OkReply::default())
         }
         Request::Watch => return Ok(Answer::Watch),
+        Request::Load { entries } => {
+            let entries = crate::persist::parse_load_entries(&entries)
+                .map_err(|message| (ErrorCode::BadRequest, format!("\"entries\": {message}")))?;
+            let report = driver.load(entries);
+            serde_json::json!({
+                "ok": true,
+                "applied": report.applied,
+                "unchanged": report.unchanged,
+                "kept_newer": report.kept_newer,
+                "rejected": report.rejected,
+                "errors": report.errors,
+            })
+            .to_string()
+        }
         Request::Reload => {
             let count = driver
                 .reload_keys()
@@ -896,8 +954,25 @@ mod tests {
                 prefix: String::new()
             })
         );
+        assert_eq!(
+            parse_request(br#"{"op":"load","entries":[{"k":"a","v":1}]}"#),
+            Ok(Request::Load {
+                entries: r#"[{"k":"a","v":1}]"#.to_owned()
+            })
+        );
+        let half_versioned = r#"[{"k":"a","t":5,"v":1}]"#;
+        assert!(crate::persist::parse_load_entries(half_versioned).is_err());
+        let both = crate::persist::parse_load_entries(
+            r#"[{"k":"a","v":{"x":1}},{"k":"b","t":5,"o":"00000000000000aa","d":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(both[0].1, None);
+        assert_eq!(both[0].2.as_deref(), Some(&b"{\"x\":1}"[..]));
+        assert_eq!(both[1].1.map(|version| version.hlc.0), Some(5));
+        assert_eq!(both[1].2, None);
         for bad in [
             &b"[1]"[..],
+            b"{\"op\":\"load\"}",
             b"{\"op\":7}",
             b"{\"op\":\"get\"}",
             b"{\"op\":\"explode\"}",

@@ -54,6 +54,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::crypto::{self, CryptoError, GroupKey};
+use crate::engine::store::Merged;
 use crate::engine::{self, DropReason, Engine, Event, NodeId, TriggerReason, WriteError};
 use crate::net::{self, GroupSocket, LinkWatch, Received};
 use crate::persist::{self, Debounce, Loaded, StateDir};
@@ -180,6 +181,24 @@ impl fmt::Display for SetError {
 }
 
 impl std::error::Error for SetError {}
+
+/// How many refused entries a load report spells out.
+pub const LOAD_ERRORS_SHOWN: usize = 5;
+
+/// What `Driver::load` did with each entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Newer than what was held (or unknown here): now stored.
+    pub applied: usize,
+    /// Already held exactly so.
+    pub unchanged: usize,
+    /// This gateway holds a newer entry (or, for an entry without a
+    /// version, any entry) for the key: not overwritten.
+    pub kept_newer: usize,
+    /// Refused by a limit; the first few reasons are in `errors`.
+    pub rejected: usize,
+    pub errors: Vec<String>,
+}
 
 /// An entry changed, by a local write or from the network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -331,6 +350,7 @@ impl Driver {
         }
         let start = Instant::now();
         let mut engine = Engine::new(config.engine.clone(), node_id, rng.random(), 0);
+        engine.set_wall_clock(0, Self::wall_ms());
         if let Some(state) = &state {
             match state.load() {
                 Loaded::Empty => log::info!(
@@ -491,6 +511,7 @@ impl Driver {
         }
         self.receive();
         let now = self.now();
+        self.engine.set_wall_clock(now, Self::wall_ms());
         if self.engine.poll_timeout() <= now {
             self.engine.handle_timeout(now);
         }
@@ -507,6 +528,7 @@ impl Driver {
                 Ok((Received::Datagram(len), from)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    self.engine.set_wall_clock(now, Self::wall_ms());
                     let before = other_key_drops(self.engine.counters());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);
                     if other_key_drops(self.engine.counters()) != before {
@@ -627,12 +649,24 @@ impl Driver {
                 "the keys were not given in a key file: nothing to reload".to_owned()
             });
         };
-        let keys = match crate::config::load_key_file(&path) {
-            Ok(keys) => keys,
+        // crypto's loader, not config's: config builds on the driver.
+        let loaded = crypto::load_key_file(&path)
+            .map_err(|error| format!("key file {}: {error}", path.display()));
+        let keys = match loaded {
+            Ok((keys, warning)) => {
+                if let Some(warning) = warning {
+                    log::warn!("key file {}: {warning}", path.display());
+                }
+                keys
+            }
             Err(error) => {
                 self.counters.key_reload_errors += 1;
-                log::error!("reload: {error}; keeping the keys in use");
-                return Err(format!("{error}; keeping the keys in use"));
+                let message = format!(
+                    "key file {}: {error}; keeping the keys in use",
+                    path.display()
+                );
+                log::error!("reload: {message}");
+                return Err(message);
             }
         };
         self.counters.key_reloads += 1;
@@ -975,6 +1009,85 @@ impl Driver {
         self.persisted()
     }
 
+    /// Restores entries (from `gwsync load`) by the merge rule. An entry
+    /// with a version (from a state file) is merged like one heard from
+    /// the group: it applies only when newer than what is held. One without
+    /// (from a plain dump) carries no time, so it never overwrites a key
+    /// this gateway holds or deleted; it is only written where the key is
+    /// unknown here.
+    pub fn load(&mut self, entries: Vec<persist::Loadable>) -> LoadReport {
+        let mut report = LoadReport::default();
+        let now = self.now();
+        for (key, version, value) in entries {
+            let held = self.engine.store().get(&key).map(|held| held.to_owned());
+            // A tombstone for a key unknown here changes nothing either.
+            let same = match &held {
+                Some(held) => held.value == value,
+                None => value.is_none(),
+            };
+            let outcome = match (version, held) {
+                (Some(version), _) => {
+                    match self
+                        .engine
+                        .load_entry(now, key.clone(), version, value.clone())
+                    {
+                        Merged::Applied => Ok(true),
+                        Merged::Stale => Ok(false),
+                        Merged::Rejected(rejected) => Err(SetError::Write(rejected.into())),
+                    }
+                }
+                (None, Some(_)) => Ok(false),
+                (None, None) => match &value {
+                    None => Ok(false),
+                    Some(bytes) => {
+                        let text = String::from_utf8_lossy(bytes).into_owned();
+                        match self.set(&key, &text) {
+                            // Applied; the state file's trouble is in `status`.
+                            Ok(()) | Err(SetError::NotPersisted(_)) => Ok(true),
+                            Err(failure) => Err(failure),
+                        }
+                    }
+                },
+            };
+            match outcome {
+                Ok(true) => report.applied += 1,
+                Ok(false) if same => report.unchanged += 1,
+                Ok(false) => report.kept_newer += 1,
+                Err(error) => {
+                    report.rejected += 1;
+                    if report.errors.len() < LOAD_ERRORS_SHOWN {
+                        let value_text = value
+                            .as_deref()
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default();
+                        report.errors.push(self.explain(&key, &value_text, &error));
+                    }
+                }
+            }
+            self.drain_events();
+        }
+        self.flush_transmits();
+        report
+    }
+
+    /// A refused `set` or `delete` for a person: names the key and the
+    /// limit it hit. `value_json` is the value given to `set` ("" for a
+    /// delete).
+    pub fn explain(&self, key: &str, value_json: &str, error: &SetError) -> String {
+        match error {
+            SetError::InvalidJson(message) => format!(
+                "value for key {} is not valid JSON: {message}",
+                crate::engine::shown_key(key)
+            ),
+            SetError::Write(write) => {
+                write.explain(key, value_json.len(), &self.engine.config().store)
+            }
+            SetError::NotPersisted(_) => {
+                format!("key {}: {error}", crate::engine::shown_key(key))
+            }
+        }
+    }
+
     /// The value of a key as JSON text.
     pub fn get(&self, key: &str) -> Option<String> {
         self.engine
@@ -1293,6 +1406,16 @@ impl Drop for Driver {
             log::error!("closing: {error}");
         }
     }
+}
+
+/// Reads a key file (1 or 2 keys, see [`crypto::parse_keys`]); a file
+/// others may read still works and is logged as a warning.
+pub fn read_key_file(path: &std::path::Path) -> Result<Vec<GroupKey>, crypto::KeyFileError> {
+    let (keys, warning) = crypto::load_key_file(path)?;
+    if let Some(warning) = warning {
+        log::warn!("key file {}: {warning}", path.display());
+    }
+    Ok(keys)
 }
 
 /// "id 17 (fingerprint 0011..) sends, id 4 (..) accepted": names keys in

@@ -8,9 +8,9 @@
 //!   out-parameter is written only on success;
 //! - every string returned to C is freed with [`gwsync_free`];
 //! - every entry point runs inside a panic boundary ([`guard`]): a panic
-//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C. The release
-//!   profile aborts on panic anyway, but the OpenWrt SDK builds with
-//!   unwinding, so the boundary must be there.
+//!   becomes `GWSYNC_ERR_PANIC`, never an unwind into C and never an
+//!   abort of the C program: every profile that builds libgwsync.a
+//!   (release here, the OpenWrt SDK's) unwinds, so the boundary catches it.
 //!
 //! The handle wraps one [`Driver`] in a mutex, so every call is safe from
 //! any thread. Change events are taken from the driver under the lock and
@@ -45,7 +45,7 @@ pub const GWSYNC_OK: c_int = 0;
 pub const GWSYNC_NO_DEADLINE: c_int = -1;
 /// An argument is wrong: a NULL pointer, text that is not UTF-8, a value or
 /// configuration that is not valid JSON, an unknown configuration key or
-/// trigger reason, an empty key.
+/// trigger reason, an empty key or one holding a control character.
 pub const GWSYNC_ERR_INVALID: c_int = -2;
 /// The key holds no value (`gwsync_get`, `gwsync_delete`).
 pub const GWSYNC_ERR_NOT_FOUND: c_int = -3;
@@ -569,11 +569,28 @@ fn c_code(code: ErrorCode) -> c_int {
         ErrorCode::StoreFull => GWSYNC_ERR_FULL,
         ErrorCode::NotPersisted => GWSYNC_ERR_NOT_PERSISTED,
         ErrorCode::ReloadFailed => GWSYNC_ERR_IO,
+        // No write can be newer than the stored version: a state, not an
+        // argument, problem.
+        ErrorCode::VersionExhausted => GWSYNC_ERR_STATE,
     }
 }
 
-fn write_result(result: Result<(), SetError>) -> Result<(), Error> {
-    result.map_err(|failure| error(c_code(ErrorCode::from(&failure)), failure.to_string()))
+fn write_result(
+    driver: &Driver,
+    key: &str,
+    value: &str,
+    result: Result<(), SetError>,
+) -> Result<(), Error> {
+    result.map_err(|failure| {
+        let code = match ErrorCode::from(&failure) {
+            // A key with a control character is wrong, not too large.
+            ErrorCode::InvalidKey if key.len() <= driver.engine().config().store.key_bytes_max => {
+                GWSYNC_ERR_INVALID
+            }
+            code => c_code(code),
+        };
+        error(code, driver.explain(key, value, &failure))
+    })
 }
 
 fn non_empty_key(key: &str) -> Result<&str, Error> {
@@ -746,8 +763,10 @@ pub unsafe extern "C" fn gwsync_set(
             )
         };
         let key = non_empty_key(key)?;
-        g.shared
-            .change(|driver| write_result(driver.set(key, value)))?;
+        g.shared.change(|driver| {
+            let result = driver.set(key, value);
+            write_result(driver, key, value, result)
+        })?;
         Ok(GWSYNC_OK)
     })
 }
@@ -803,7 +822,10 @@ pub unsafe extern "C" fn gwsync_delete(g: *mut gwsync_t, key: *const c_char) -> 
         // SAFETY: forwarded from the caller.
         let (g, key) = unsafe { (handle(g)?, text(key, "key")?) };
         let key = non_empty_key(key)?;
-        g.shared.change(|driver| write_result(driver.delete(key)))?;
+        g.shared.change(|driver| {
+            let result = driver.delete(key);
+            write_result(driver, key, "", result)
+        })?;
         Ok(GWSYNC_OK)
     })
 }
@@ -1206,6 +1228,31 @@ mod tests {
         ] {
             let error = driver_config(bad).err().unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(error.code, GWSYNC_ERR_INVALID, "{bad}");
+        }
+    }
+
+    #[test]
+    fn write_errors_map_to_one_c_code_each() {
+        use crate::engine::WriteError;
+        let cases = [
+            (SetError::InvalidJson("x".into()), GWSYNC_ERR_INVALID),
+            (
+                SetError::Write(WriteError::InvalidKey),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (
+                SetError::Write(WriteError::ValueTooLarge),
+                GWSYNC_ERR_TOO_LARGE,
+            ),
+            (SetError::Write(WriteError::StoreFull), GWSYNC_ERR_FULL),
+            (SetError::Write(WriteError::NotFound), GWSYNC_ERR_NOT_FOUND),
+            (
+                SetError::NotPersisted("No space left on device".into()),
+                GWSYNC_ERR_NOT_PERSISTED,
+            ),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(c_code(ErrorCode::from(&failure)), code, "{failure}");
         }
     }
 

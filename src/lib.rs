@@ -5,7 +5,12 @@
 //! Layers, from the inside out:
 //! - [`engine`]: the sans-IO core. Bytes and time in; datagrams, events and
 //!   the next deadline out. Deterministic: no sockets, clock or global RNG.
-//! - [`wire`]: the datagram format.
+//! - [`proto`]: the protocol's shared types (node ids, timestamps,
+//!   versions), a leaf every other layer builds on.
+//! - [`wire`]: the datagram format: a checked view over the header and the
+//!   payload codecs.
+//! - [`crypto`]: sealing and opening datagrams under the group key, and the
+//!   replay window.
 //! - [`sim`]: a deterministic multicast LAN simulator that runs many engines
 //!   over virtual time with loss, duplication, reordering, delay,
 //!   partitions, crashes and skewed clocks.
@@ -21,6 +26,7 @@ pub mod hex;
 pub mod logging;
 pub mod net;
 pub mod persist;
+pub mod proto;
 pub mod sim;
 #[cfg(feature = "ubus")]
 pub mod ubus;

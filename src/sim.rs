@@ -23,6 +23,8 @@ use crate::engine::clock::Hlc;
 use crate::engine::store::Entry;
 use crate::engine::{Config, Engine, NodeId, TriggerReason};
 
+pub mod byzantine;
+
 /// Wall clock of an unskewed simulated gateway at virtual time 0: a date in
 /// 2026, so skews of hours either way stay positive.
 pub const WALL_EPOCH_MS: u64 = 1_780_000_000_000;
@@ -35,6 +37,8 @@ pub trait Gateway {
     fn poll_timeout(&self) -> u64;
     fn write(&mut self, now: u64, wall_ms: u64, key: &str, value: Option<&[u8]>);
     fn trigger(&mut self, now: u64);
+    /// The gateway's wall clock reads `wall_ms` at `now`.
+    fn set_wall_clock(&mut self, _now: u64, _wall_ms: u64) {}
     /// Live values (no tombstones), for convergence checks.
     fn data(&self) -> BTreeMap<String, Vec<u8>>;
     /// Equal on two gateways exactly when they hold the same data.
@@ -46,6 +50,11 @@ pub trait Gateway {
     /// Back to its periodic rhythm (for gwsync: the Trickle interval is
     /// at `Imax` again).
     fn at_steady_state(&self) -> bool {
+        true
+    }
+    /// False for a byzantine node ([`byzantine::Forger`]): convergence and
+    /// quiet are judged over honest gateways only.
+    fn is_honest(&self) -> bool {
         true
     }
     /// The gwsync engine behind this gateway, for inspection.
@@ -99,6 +108,10 @@ impl Gateway for Engine {
     }
     fn trigger(&mut self, now: u64) {
         Engine::trigger(self, now, TriggerReason::Manual);
+    }
+
+    fn set_wall_clock(&mut self, now: u64, wall_ms: u64) {
+        Engine::set_wall_clock(self, now, wall_ms);
     }
     fn data(&self) -> BTreeMap<String, Vec<u8>> {
         self.store()
@@ -239,8 +252,52 @@ impl Sim {
             clock_offset_ms: 0,
             partition: 0,
         });
+        self.tell_wall_clock(index);
         self.flush(index);
         index
+    }
+
+    /// Adds a gateway built elsewhere (a byzantine node, say) now; returns
+    /// its index. It cannot restart after a crash.
+    pub fn add_gateway(&mut self, gateway: Box<dyn Gateway>) -> usize {
+        let index = self.nodes.len();
+        let node_id = NodeId(self.rng.random());
+        self.nodes.push(Node {
+            gateway: Some(gateway),
+            node_id,
+            persisted: Persisted {
+                node_id,
+                ..Persisted::default()
+            },
+            clock_offset_ms: 0,
+            partition: 0,
+        });
+        self.tell_wall_clock(index);
+        self.flush(index);
+        index
+    }
+
+    /// Multicasts `bytes` from a host that runs no gateway (a spoofer on
+    /// the LAN), to every gateway of partition 0.
+    pub fn inject(&mut self, bytes: Vec<u8>) {
+        let bytes: Rc<[u8]> = bytes.into();
+        for to in 0..self.nodes.len() {
+            if self.nodes[to].partition == 0 {
+                self.sequence += 1;
+                let at = self.now + self.medium.delay_ms_min;
+                self.in_flight
+                    .push(Reverse((at, self.sequence, to, bytes.clone())));
+            }
+        }
+    }
+
+    /// Gives node `index` its wall clock, as the driver does before every
+    /// input.
+    fn tell_wall_clock(&mut self, index: usize) {
+        let (now, wall) = (self.now, self.wall_ms(index));
+        if let Some(gateway) = self.nodes[index].gateway.as_mut() {
+            gateway.set_wall_clock(now, wall);
+        }
     }
 
     pub fn now(&self) -> u64 {
@@ -318,6 +375,7 @@ impl Sim {
         let node = &mut self.nodes[index];
         let gateway = (self.factory)(index, node.node_id, seed, self.now, Some(&node.persisted));
         node.gateway = Some(gateway);
+        self.tell_wall_clock(index);
         self.flush(index);
     }
 
@@ -434,6 +492,7 @@ impl Sim {
             .is_some_and(|Reverse((at, ..))| *at <= now)
         {
             let Reverse((_, _, to, bytes)) = self.in_flight.pop().expect("peeked");
+            self.tell_wall_clock(to);
             if let Some(gateway) = self.nodes[to].gateway.as_mut() {
                 gateway.handle_datagram(now, &bytes);
                 self.flush(to);
@@ -445,6 +504,7 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|gateway| gateway.poll_timeout() <= now);
             if due {
+                self.tell_wall_clock(index);
                 if let Some(gateway) = self.nodes[index].gateway.as_mut() {
                     gateway.handle_timeout(now);
                 }
@@ -455,10 +515,7 @@ impl Sim {
 
     /// True when every running gateway holds the same data.
     pub fn converged(&self) -> bool {
-        let mut digests = self
-            .nodes
-            .iter()
-            .filter_map(|node| node.gateway.as_ref().map(|gateway| gateway.digest()));
+        let mut digests = self.honest().map(|gateway| gateway.digest());
         let Some(first) = digests.next() else {
             return true;
         };
@@ -469,21 +526,20 @@ impl Sim {
     pub fn quiet(&self) -> bool {
         self.in_flight.is_empty()
             && self.converged()
-            && self
-                .nodes
-                .iter()
-                .filter_map(|node| node.gateway.as_ref())
-                .all(|gateway| gateway.is_idle())
+            && self.honest().all(|gateway| gateway.is_idle())
     }
 
     /// Quiet, and every gateway back at its periodic rhythm.
     pub fn settled(&self) -> bool {
-        self.quiet()
-            && self
-                .nodes
-                .iter()
-                .filter_map(|node| node.gateway.as_ref())
-                .all(|gateway| gateway.at_steady_state())
+        self.quiet() && self.honest().all(|gateway| gateway.at_steady_state())
+    }
+
+    /// The running honest gateways.
+    fn honest(&self) -> impl Iterator<Item = &dyn Gateway> {
+        self.nodes
+            .iter()
+            .filter_map(|node| node.gateway.as_deref())
+            .filter(|gateway| gateway.is_honest())
     }
 
     /// Runs until `condition` holds, checking after every event; returns the

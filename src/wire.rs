@@ -42,9 +42,7 @@
 //! Decoding never panics and never allocates more than the datagram holds:
 //! every length is checked against the bytes that remain before it is used.
 
-use crate::engine::NodeId;
-use crate::engine::clock::{Hlc, Version};
-use crate::engine::store::BucketSummary;
+use crate::proto::{BucketSummary, Hlc, NodeId, Version};
 
 pub const MAGIC: u16 = 0x4757;
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -187,6 +185,9 @@ pub enum DecodeError {
     BadKey,
     /// Not encrypted, but this gateway requires a group key.
     Unencrypted,
+    /// The header's reserved field is not zero: a future extension this
+    /// build cannot honour.
+    ReservedSet,
 }
 
 impl DecodeError {
@@ -200,6 +201,7 @@ impl DecodeError {
             DecodeError::TrailingBytes => "trailing_bytes",
             DecodeError::BadKey => "bad_key",
             DecodeError::Unencrypted => "unencrypted",
+            DecodeError::ReservedSet => "reserved_set",
         }
     }
 }
@@ -263,39 +265,147 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl Header {
-    pub fn parse(bytes: &[u8]) -> Result<Header, DecodeError> {
-        let mut reader = Reader { bytes };
-        if reader.u16().map_err(|_| DecodeError::BadMagic)? != MAGIC {
+/// Byte ranges of the header fields; the one place the layout is written
+/// down in code. Private, so every other module reads the header through
+/// [`Packet`].
+mod field {
+    use std::ops::Range;
+
+    pub const MAGIC: Range<usize> = 0..2;
+    pub const VERSION: usize = 2;
+    pub const TYPE: usize = 3;
+    pub const FLAGS: usize = 4;
+    pub const KEY_ID: usize = 5;
+    pub const RESERVED: Range<usize> = 6..8;
+    pub const SENDER: Range<usize> = 8..16;
+    pub const BOOT: Range<usize> = 16..20;
+    pub const SEQ: Range<usize> = 20..24;
+    pub const PAYLOAD: usize = 24;
+}
+
+/// A read view over a datagram: its header fields and the bytes after them.
+///
+/// Built with [`Packet::new_checked`], no accessor can panic: the length,
+/// magic, version, type and reserved field were checked once, so the
+/// header is parsed once per datagram whether or not it is sealed.
+#[derive(Clone, Copy, Debug)]
+pub struct Packet<'a> {
+    bytes: &'a [u8],
+    message_type: MessageType,
+}
+
+impl<'a> Packet<'a> {
+    /// Checks everything the header alone can tell.
+    pub fn new_checked(bytes: &'a [u8]) -> Result<Packet<'a>, DecodeError> {
+        if bytes.len() < field::MAGIC.end || u16_at(bytes, field::MAGIC) != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if reader.u8()? != PROTOCOL_VERSION {
+        if bytes.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated);
+        }
+        if bytes[field::VERSION] != PROTOCOL_VERSION {
             return Err(DecodeError::UnknownVersion);
         }
-        let message_type = MessageType::from_u8(reader.u8()?).ok_or(DecodeError::UnknownType)?;
-        let flags = reader.u8()?;
-        let key_id = reader.u8()?;
-        let _reserved = reader.u16()?;
-        Ok(Header {
+        let message_type =
+            MessageType::from_u8(bytes[field::TYPE]).ok_or(DecodeError::UnknownType)?;
+        if u16_at(bytes, field::RESERVED) != 0 {
+            return Err(DecodeError::ReservedSet);
+        }
+        Ok(Packet {
+            bytes,
             message_type,
-            flags,
-            key_id,
-            sender: NodeId(reader.u64()?),
-            boot: reader.u32()?,
-            seq: reader.u32()?,
         })
     }
 
+    pub fn message_type(&self) -> MessageType {
+        self.message_type
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.bytes[field::FLAGS]
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.flags() & FLAG_ENCRYPTED != 0
+    }
+
+    pub fn key_id(&self) -> u8 {
+        self.bytes[field::KEY_ID]
+    }
+
+    pub fn sender(&self) -> NodeId {
+        NodeId(u64::from_be_bytes(array_at(self.bytes, field::SENDER)))
+    }
+
+    pub fn boot(&self) -> u32 {
+        u32::from_be_bytes(array_at(self.bytes, field::BOOT))
+    }
+
+    pub fn seq(&self) -> u32 {
+        u32::from_be_bytes(array_at(self.bytes, field::SEQ))
+    }
+
+    /// The header bytes: associated data when the datagram is sealed.
+    pub fn header_bytes(&self) -> &'a [u8] {
+        &self.bytes[..field::PAYLOAD]
+    }
+
+    /// Everything after the header: the payload, or when sealed the nonce,
+    /// ciphertext and tag.
+    pub fn body(&self) -> &'a [u8] {
+        &self.bytes[field::PAYLOAD..]
+    }
+
+    pub fn header(&self) -> Header {
+        Header {
+            message_type: self.message_type,
+            flags: self.flags(),
+            key_id: self.key_id(),
+            sender: self.sender(),
+            boot: self.boot(),
+            seq: self.seq(),
+        }
+    }
+}
+
+fn array_at<const N: usize>(bytes: &[u8], range: std::ops::Range<usize>) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(&bytes[range]);
+    out
+}
+
+fn u16_at(bytes: &[u8], range: std::ops::Range<usize>) -> u16 {
+    u16::from_be_bytes(array_at(bytes, range))
+}
+
+/// Sets the sealing fields of a header in place: the encrypted flag and the
+/// key id.
+pub fn mark_sealed(header: &mut [u8; HEADER_LEN], key_id: u8) {
+    header[field::FLAGS] |= FLAG_ENCRYPTED;
+    header[field::KEY_ID] = key_id;
+}
+
+impl Header {
+    pub fn parse(bytes: &[u8]) -> Result<Header, DecodeError> {
+        Packet::new_checked(bytes).map(|packet| packet.header())
+    }
+
+    /// The 24 header bytes.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0; HEADER_LEN];
+        out[field::MAGIC].copy_from_slice(&MAGIC.to_be_bytes());
+        out[field::VERSION] = PROTOCOL_VERSION;
+        out[field::TYPE] = self.message_type as u8;
+        out[field::FLAGS] = self.flags;
+        out[field::KEY_ID] = self.key_id;
+        out[field::SENDER].copy_from_slice(&self.sender.0.to_be_bytes());
+        out[field::BOOT].copy_from_slice(&self.boot.to_be_bytes());
+        out[field::SEQ].copy_from_slice(&self.seq.to_be_bytes());
+        out
+    }
+
     pub fn emit(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&MAGIC.to_be_bytes());
-        out.push(PROTOCOL_VERSION);
-        out.push(self.message_type as u8);
-        out.push(self.flags);
-        out.push(self.key_id);
-        out.extend_from_slice(&0u16.to_be_bytes());
-        out.extend_from_slice(&self.sender.0.to_be_bytes());
-        out.extend_from_slice(&self.boot.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.to_bytes());
     }
 }
 
@@ -483,12 +593,12 @@ pub fn encode(header: &Header, message: &Message) -> Vec<u8> {
 
 /// Decodes an unencrypted datagram.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Message), DecodeError> {
-    let header = Header::parse(bytes)?;
-    if header.flags & FLAG_ENCRYPTED != 0 {
+    let packet = Packet::new_checked(bytes)?;
+    if packet.is_encrypted() {
         return Err(DecodeError::BadKey);
     }
-    let message = Message::parse_payload(header.message_type, &bytes[HEADER_LEN..])?;
-    Ok((header, message))
+    let message = Message::parse_payload(packet.message_type(), packet.body())?;
+    Ok((packet.header(), message))
 }
 
 #[cfg(test)]
@@ -547,6 +657,134 @@ mod tests {
             ]
         );
         assert_eq!(out.len(), WireEntry::encoded_len("ab", Some(b"1")));
+    }
+
+    #[test]
+    fn entries_golden_bytes() {
+        let message = Message::Entries(Entries {
+            repair: Some(RepairTag {
+                bucket: 0x0102,
+                digest: 0x1122_3344_5566_7788,
+            }),
+            entries: vec![WireEntry {
+                key: "k".into(),
+                version: Version {
+                    hlc: Hlc::new(1, 2),
+                    origin: NodeId(3),
+                },
+                value: None,
+            }],
+        });
+        let head = header(MessageType::Entries);
+        let bytes = encode(&head, &message);
+        assert_eq!(
+            bytes[HEADER_LEN..],
+            [
+                1, 0x01, 0x02, // repair, bucket
+                0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // bucket digest
+                0, 1, // count
+                0, 1, b'k', // key
+                0, 0, 0, 0, 0, 1, 0, 2, // hlc
+                0, 0, 0, 0, 0, 0, 0, 3, // origin
+                0, // tombstone
+            ]
+        );
+        assert_eq!(bytes[3], MessageType::Entries as u8);
+        assert_eq!(decode(&bytes).unwrap(), (head, message));
+    }
+
+    #[test]
+    fn fragment_golden_bytes() {
+        let message = Message::Fragment(Fragment {
+            key: "big".into(),
+            version: Version {
+                hlc: Hlc::new(1, 0),
+                origin: NodeId(2),
+            },
+            total_len: 10,
+            offset: 8,
+            chunk: vec![0xaa, 0xbb],
+        });
+        let head = header(MessageType::Fragment);
+        let bytes = encode(&head, &message);
+        assert_eq!(
+            bytes[HEADER_LEN..],
+            [
+                0, 3, b'b', b'i', b'g', // key
+                0, 0, 0, 0, 0, 1, 0, 0, // hlc
+                0, 0, 0, 0, 0, 0, 0, 2, // origin
+                0, 0, 0, 10, // total
+                0, 0, 0, 8, // offset
+                0, 2, 0xaa, 0xbb, // chunk
+            ]
+        );
+        assert_eq!(bytes[3], 3);
+        assert_eq!(decode(&bytes).unwrap(), (head, message));
+    }
+
+    #[test]
+    fn bucket_digests_golden_bytes() {
+        let message = Message::BucketDigests(BucketDigests {
+            digest: 0x0102_0304_0506_0708,
+            first: 0,
+            end: 256,
+            buckets: vec![(
+                5,
+                BucketSummary {
+                    digest: 9,
+                    count: 70_000,
+                    max_hlc: Hlc::new(1, 1),
+                },
+            )],
+        });
+        let head = header(MessageType::BucketDigests);
+        let bytes = encode(&head, &message);
+        assert_eq!(
+            bytes[HEADER_LEN..],
+            [
+                1, 2, 3, 4, 5, 6, 7, 8, // digest
+                0, 0, 1, 0, // first, end
+                0, 1, // count
+                0, 5, // bucket
+                0, 0, 0, 0, 0, 0, 0, 9, // bucket digest
+                0xff, 0xff, // entries, saturated at u16
+                0, 0, 0, 0, 0, 1, 0, 1, // max hlc
+            ]
+        );
+        assert_eq!(bytes[3], 4);
+        assert!(decode(&bytes).is_ok());
+    }
+
+    #[test]
+    fn the_header_is_parsed_once_into_a_checked_view() {
+        let mut head = header(MessageType::Summary);
+        head.flags = FLAG_ENCRYPTED | FLAG_LOSS_SEEN;
+        head.key_id = 42;
+        let mut bytes = head.to_bytes().to_vec();
+        bytes.extend_from_slice(b"body");
+        let packet = Packet::new_checked(&bytes).unwrap();
+        assert_eq!(packet.header(), head);
+        assert!(packet.is_encrypted());
+        assert_eq!(packet.key_id(), 42);
+        assert_eq!(packet.header_bytes(), &bytes[..HEADER_LEN]);
+        assert_eq!(packet.body(), b"body");
+        for len in 0..HEADER_LEN {
+            assert!(Packet::new_checked(&bytes[..len]).is_err(), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_set_reserved_field_is_refused() {
+        let mut bytes = encode(
+            &header(MessageType::Summary),
+            &Message::Summary(Summary {
+                digest: 0,
+                entries: 0,
+                clock: Hlc::ZERO,
+            }),
+        );
+        bytes[7] = 1;
+        assert_eq!(decode(&bytes), Err(DecodeError::ReservedSet));
     }
 
     #[test]

@@ -230,14 +230,15 @@ fn sigterm_saves_the_state_and_a_restart_restores_it() {
 }
 
 #[test]
-fn demo_converges_to_version_3() {
+fn demo_converges_to_the_newest_write() {
     let demo = gwsync(&["demo"]);
     assert_eq!(demo.code, 0, "{demo:?}");
     assert!(
-        demo.stdout.contains("All three gateways hold version 3"),
+        demo.stdout.contains("all three gateways hold gw3's write"),
         "{}",
         demo.stdout
     );
+    assert!(!demo.stdout.contains("version"), "{}", demo.stdout);
     assert!(
         demo.stdout.contains("gw2  -> group: sync request"),
         "{}",
@@ -327,4 +328,567 @@ fn only_daemons_with_the_group_key_share_data_and_the_others_are_named_loudly() 
         SYNC_TIMEOUT,
         || open.status()["other_key"]["senders"].as_u64() == Some(1),
     );
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A tmpfs mounted for one test, unmounted on drop even when it fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).unwrap();
+        common::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "gwsync-test",
+                path.to_str().unwrap(),
+            ],
+        );
+        Tmpfs(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` up to the last byte.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    // The last partial chunk, byte by byte.
+    while file.write_all(&chunk[..1]).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+#[test]
+fn a_full_state_disk_is_loud_and_nothing_acknowledged_is_lost() {
+    if !common::is_root() {
+        common::skip("a_full_state_disk_is_loud: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = TempDir::new("full-disk");
+    let fs = Tmpfs::mount(dir.path().join("flash"), "256k");
+    let state_dir = fs.0.join("gwsync");
+    let port = unique_port().to_string();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        "gw",
+        None,
+        &[
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+    );
+    let mut acknowledged = Vec::new();
+    for index in 0..5 {
+        daemon.set(&format!("before/{index}"), &index.to_string());
+        acknowledged.push(format!("before/{index}"));
+    }
+    wait_until("the first writes are saved", SYNC_TIMEOUT, || {
+        daemon.status()["persist"]["unsaved_changes"] == 0
+    });
+    assert_eq!(mode_of(&state_dir.join("state.json")), 0o600);
+    assert_eq!(mode_of(&state_dir.join("node_id")), 0o600);
+
+    let filler = fill(&fs.0);
+    // The first write after the disk filled is acknowledged before any
+    // save could fail (the debounce window, as documented); the save that
+    // follows fails and from then on writes say they are not saved.
+    daemon.set("during/0", r#""x""#);
+    acknowledged.push("during/0".to_owned());
+    wait_until("status says saving fails", SYNC_TIMEOUT, || {
+        daemon.status()["persist"]["ok"] == false
+    });
+    let refused = daemon.cli(&["set", "during/1", r#""y""#]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("NOT saved"), "{refused:?}");
+    let status = daemon.status();
+    let persist = &status["persist"];
+    assert!(
+        persist["error"].as_str().unwrap().contains("No space left"),
+        "{persist}"
+    );
+    assert!(
+        persist["unsaved_changes"].as_u64().unwrap() >= 2,
+        "{persist}"
+    );
+    // Failures repeat every debounce interval; the log says so once.
+    wait_until("a second save failed", SYNC_TIMEOUT, || {
+        daemon.status()["counters"]["state_write_errors"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2
+    });
+    assert_eq!(
+        daemon.log_text().matches("could not save state").count(),
+        1,
+        "{}",
+        daemon.log_text()
+    );
+    // The write was applied all the same: readable, and synced.
+    assert_eq!(daemon.get("during/1").as_deref(), Some(r#""y""#));
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("saving recovers once space is free", SYNC_TIMEOUT, || {
+        let status = daemon.status();
+        status["persist"]["ok"] == true && status["persist"]["unsaved_changes"] == 0
+    });
+    assert!(daemon.log_text().contains("state saved again"));
+    assert_eq!(daemon.cli(&["set", "after/0", "1"]).code, 0);
+    acknowledged.push("after/0".to_owned());
+    wait_until("the last write is saved", SYNC_TIMEOUT, || {
+        daemon.status()["persist"]["unsaved_changes"] == 0
+    });
+    // Not even a chance to flush: all that was acknowledged is on disk.
+    daemon.kill9();
+    daemon.restart();
+    for key in &acknowledged {
+        assert!(daemon.get(key).is_some(), "{key} lost");
+    }
+    assert_eq!(daemon.get("during/1").as_deref(), Some(r#""y""#));
+
+    // A stop while saving fails says what is lost instead of "saved".
+    let filler = fill(&fs.0);
+    daemon.set("doomed", "1");
+    wait_until("saving fails again", SYNC_TIMEOUT, || {
+        daemon.status()["persist"]["ok"] == false
+    });
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the shutdown log tells the truth", SYNC_TIMEOUT, || {
+        daemon.log_text().contains("stopping: could not save state")
+    });
+    assert!(!daemon.log_text().contains("stopping: state saved"));
+    std::fs::remove_file(&filler).unwrap();
+}
+
+#[test]
+fn state_files_are_private_and_unsafe_directories_and_foreign_sockets_are_refused() {
+    if !common::is_root() {
+        common::skip(
+            "state_files_are_private: needs root to act as a second user (CI runs as root)",
+        );
+        return;
+    }
+    let dir = TempDir::new("private");
+    chmod(dir.path(), 0o755);
+    let port = unique_port().to_string();
+    let key_file = common::group_key_file(dir.path());
+
+    // Whatever the umask, and in a directory others may read.
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o755);
+    let socket = dir.path().join("gw.sock");
+    let log = std::fs::File::create(dir.path().join("gw.log")).unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" \"$@\"")
+        .arg(common::BIN)
+        .args([
+            "daemon",
+            "--foreground",
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+        ])
+        .arg("--key-file")
+        .arg(&key_file)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let cli = |args: &[&str]| {
+        let mut full = vec!["--socket", socket.to_str().unwrap()];
+        full.extend_from_slice(args);
+        gwsync(&full)
+    };
+    wait_until("the daemon answers", SYNC_TIMEOUT, || {
+        cli(&["status"]).code == 0
+    });
+    assert_eq!(cli(&["set", "wifi/psk", r#""hunter2""#]).code, 0);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(mode_of(&state.join("state.json")), 0o600);
+    assert_eq!(mode_of(&state.join("node_id")), 0o600);
+    assert_eq!(mode_of(&state), 0o700);
+    let log = std::fs::read_to_string(dir.path().join("gw.log")).unwrap();
+    assert!(log.contains("made it 0700"), "{log}");
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let peek = as_nobody(&["cat", state.join("state.json").to_str().unwrap()]);
+    assert!(!peek.status.success());
+    assert!(!String::from_utf8_lossy(&peek.stdout).contains("hunter2"));
+
+    // A state or socket directory others may write to is refused.
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    chmod(&open_dir, 0o777);
+    let daemon_with = |socket: &std::path::Path, state: &std::path::Path| {
+        common::gwsync_command()
+            .args(["daemon", "--foreground", "--open", "--interface", "lo"])
+            .args(["--port", &port, "--socket"])
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let refused = daemon_with(&dir.path().join("x.sock"), &open_dir);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("writable by other users"), "{stderr}");
+    let refused = daemon_with(&open_dir.join("x.sock"), &dir.path().join("state2"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("writable by other users"), "{stderr}");
+    let missing = daemon_with(
+        &dir.path().join("no/such/dir/x.sock"),
+        &dir.path().join("state3"),
+    );
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(!dir.path().join("no").exists());
+
+    // Another user's socket in a shared sticky directory: the CLI will not
+    // hand it our request.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o1777);
+    let squat = shared.join("gwsync.sock");
+    // setpriv execs in place (runuser would fork), so kill() reaches gwsync.
+    let as_nobody_in_place = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    let mut impostor = std::process::Command::new("setpriv")
+        .args(as_nobody_in_place)
+        .args([common::BIN, "daemon", "--foreground", "--open"])
+        .args(["--interface", "lo", "--port", &port, "--socket"])
+        .arg(&squat)
+        .arg("--state-dir")
+        .arg(shared.join("nobody-state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the impostor listens", SYNC_TIMEOUT, || {
+        std::os::unix::net::UnixStream::connect(&squat).is_ok()
+    });
+    let refused = gwsync(&["--socket", squat.to_str().unwrap(), "set", "wifi/psk", "1"]);
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("belongs to uid 65534"),
+        "{refused:?}"
+    );
+
+    // A non-root user's default paths: a private directory it creates and
+    // checks, never one another user made first.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    chmod(&tmp, 0o1777);
+    let private = tmp.join("gwsync-65534");
+    std::fs::create_dir(&private).unwrap();
+    chmod(&private, 0o777);
+    let nobody_daemon = |args: &[&str]| {
+        let mut command = std::process::Command::new("setpriv");
+        command
+            .args(as_nobody_in_place)
+            .args(["env", "-u", "XDG_RUNTIME_DIR"])
+            .args(["-u", "XDG_STATE_HOME", "HOME="])
+            .arg(format!("TMPDIR={}", tmp.display()))
+            .arg(common::BIN)
+            .args(args);
+        command
+    };
+    let squatted = nobody_daemon(&[])
+        .args(["daemon", "--open"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&squatted.stderr);
+    assert_eq!(squatted.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a private directory"), "{stderr}");
+    std::fs::remove_dir(&private).unwrap();
+    let mut own = nobody_daemon(&[])
+        .args([
+            "daemon",
+            "--foreground",
+            "--open",
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "nobody's daemon answers on its default socket",
+        SYNC_TIMEOUT,
+        || {
+            nobody_daemon(&[])
+                .arg("status")
+                .output()
+                .unwrap()
+                .status
+                .success()
+        },
+    );
+    let _ = own.kill();
+    let _ = own.wait();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&private).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (65534, 0o700));
+}
+
+/// A raw control connection, for clients that misbehave.
+fn raw_client(socket: &std::path::Path) -> std::os::unix::net::UnixStream {
+    std::os::unix::net::UnixStream::connect(socket).unwrap()
+}
+
+#[test]
+fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("control-limits");
+    let daemons = group_on_lo(&dir, 1);
+    let daemon = &daemons[0];
+    daemon.set("big", &format!("\"{}\"", "x".repeat(60_000)));
+    let rss_kib = || {
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|text| text.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap()
+    };
+
+    // A request naming a field twice is refused, not half-obeyed.
+    let mut twice = raw_client(&daemon.socket);
+    twice
+        .write_all(b"{\"op\":\"get\",\"key\":\"big\",\"op\":\"del\"}\n")
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&twice).read_line(&mut reply).unwrap();
+    assert!(reply.contains("\"error\":\"bad_request\""), "{reply}");
+    assert!(reply.contains("given twice"), "{reply}");
+    assert!(daemon.get("big").is_some());
+
+    // Thousands of pipelined dumps that are never read: the daemon keeps
+    // one reply for that client, not thousands, and serves the others.
+    let mut flood = raw_client(&daemon.socket);
+    flood.set_nonblocking(true).unwrap();
+    let request = b"{\"op\":\"dump\"}\n".repeat(2_000);
+    let mut sent = 0;
+    while sent < request.len() {
+        match flood.write(&request[sent..]) {
+            Ok(len) => sent += len,
+            Err(_) => break,
+        }
+    }
+    assert!(sent > 0);
+    assert_eq!(daemon.cli(&["get", "big"]).code, 0);
+    assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+
+    // 40 connections that never say a word: each new client evicts the
+    // longest idle one, so the CLI still gets in.
+    let idle: Vec<_> = (0..40).map(|_| raw_client(&daemon.socket)).collect();
+    assert_eq!(daemon.cli(&["get", "big"]).code, 0);
+    let control = daemon.status()["control"].clone();
+    assert!(
+        control["clients_evicted"].as_u64().unwrap() >= 8,
+        "{control}"
+    );
+    drop(idle);
+
+    // Clients stuck half-way through a request count as busy while fresh:
+    // past the limit new ones are refused, and the log says so once, with
+    // a count. Once they have stalled for a while they are evicted.
+    let mut stuck: Vec<_> = (0..60)
+        .map(|_| {
+            let mut client = raw_client(&daemon.socket);
+            client.write_all(b"{\"op\":").unwrap();
+            client
+        })
+        .collect();
+    wait_until("new clients are refused", SYNC_TIMEOUT, || {
+        daemon.status_raw().is_none()
+    });
+    let evicted_before = control["clients_evicted"].as_u64().unwrap();
+    wait_until(
+        "stalled clients are evicted and the CLI gets in",
+        SYNC_TIMEOUT,
+        || daemon.cli(&["get", "big"]).code == 0,
+    );
+    let control = daemon.status()["control"].clone();
+    assert!(
+        control["clients_refused"].as_u64().unwrap() >= 1,
+        "{control}"
+    );
+    assert!(
+        control["clients_evicted"].as_u64().unwrap() > evicted_before,
+        "{control}"
+    );
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("refused").count(),
+        1,
+        "refusals are logged once per interval: {log}"
+    );
+    // The flood's reply is never read: that client times out, having
+    // been given one reply, not two thousand.
+    wait_until("the unread flood client is closed", SYNC_TIMEOUT, || {
+        daemon.status()["control"]["clients_closed_idle"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    let mut buf = [0u8; 64 * 1024];
+    flood.set_nonblocking(false).unwrap();
+    flood
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut drained = 0usize;
+    while let Ok(len) = flood.read(&mut buf) {
+        if len == 0 {
+            break;
+        }
+        drained += len;
+    }
+    // What the kernel's socket buffer took, plus one reply: nowhere near
+    // the 2,000 replies asked for.
+    assert!(
+        drained < 20 * 60_000,
+        "the daemon queued {drained} reply bytes for an unread client"
+    );
+    stuck.clear();
+    assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+}
+
+#[test]
+fn store_limits_are_daemon_flags_shown_in_status_and_enforced() {
+    let dir = TempDir::new("limits");
+    let port = unique_port().to_string();
+    let daemon = Daemon::start(
+        dir.path(),
+        "gw",
+        None,
+        &[
+            "--interface",
+            "lo",
+            "--port",
+            &port,
+            "--max-entries",
+            "3",
+            "--max-store-bytes",
+            "100000",
+            "--tombstone-lifetime-s",
+            "3600",
+        ],
+    );
+    let limits = daemon.status()["limits"].clone();
+    assert_eq!(
+        limits,
+        serde_json::json!({"max_entries": 3, "max_store_bytes": 100000, "tombstone_lifetime_s": 3600})
+    );
+    for index in 0..3 {
+        daemon.set(&format!("k/{index}"), "1");
+    }
+    let full = daemon.cli(&["set", "k/3", "1"]);
+    assert_eq!(full.code, 1, "{full:?}");
+    assert!(full.stderr.contains("store is full"), "{full:?}");
+    let bad = gwsync(&["daemon", "--open", "--max-entries", "0"]);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("--max-entries: expected 1 to"),
+        "{bad:?}"
+    );
+    let keyless = gwsync(&[
+        "daemon",
+        "--socket",
+        "/nonexistent/s",
+        "--state-dir",
+        "/nonexistent/d",
+    ]);
+    assert_eq!(keyless.code, 2, "{keyless:?}");
+    assert!(keyless.stderr.contains("--key-file"), "{keyless:?}");
+    assert!(keyless.stderr.contains("--open"), "{keyless:?}");
+}
+
+#[test]
+fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
+    let dir = TempDir::new("status-contract");
+    let daemons = group_on_lo(&dir, 2);
+    for index in 0..20 {
+        daemons[0].set(&format!("change/{index}"), &index.to_string());
+    }
+    daemons[0].cli(&["del", "change/0"]);
+    wait_until("gw1 has the delete", SYNC_TIMEOUT, || {
+        daemons[1].cli(&["get", "change/0"]).code == 3 && daemons[1].get("change/19").is_some()
+    });
+    let origin = daemons[0].status()["node_id"].clone();
+    let status = daemons[1].status();
+    assert_eq!(status["last_change"]["key"], "change/0", "{status}");
+    assert_eq!(status["last_change"]["deleted"], true);
+    assert_eq!(status["last_change"]["origin"], origin);
+    assert!(status["last_change"]["ms_ago"].is_u64());
+    let recent = status["recent_changes"].as_array().unwrap();
+    assert_eq!(recent.len(), 16);
+    assert_eq!(recent[0], status["last_change"]);
+    assert_eq!(recent[1]["key"], "change/19");
+    assert_eq!(recent[1]["deleted"], false);
+    assert_eq!(
+        status["persist"],
+        serde_json::json!({"ok": true, "error": null, "unsaved_changes": status["persist"]["unsaved_changes"]})
+    );
+    // Each peer's last summary digest against ours: in sync once the
+    // group is quiet again.
+    wait_until("each sees the other in sync", SYNC_TIMEOUT, || {
+        daemons.iter().all(|daemon| {
+            let status = daemon.status();
+            let peers = status["peers"].as_array().cloned().unwrap_or_default();
+            peers.len() == 1
+                && peers[0]["in_sync"] == true
+                && peers[0]["digest"] == status["digest"]
+        })
+    });
+    daemons[1].set("diverge", "1");
+    let status = daemons[1].status();
+    assert_eq!(status["peers"][0]["in_sync"], false, "{status}");
 }

@@ -245,3 +245,153 @@ fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
         );
     }
 }
+
+/// The fingerprint `status` shows for the key `hex`.
+fn fingerprint(hex: &str) -> String {
+    let key: gwsync::crypto::GroupKey = hex.parse().unwrap();
+    gwsync::hex::encode(&key.fingerprint())
+}
+
+#[test]
+fn keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let Some(lan) = Lan::new(
+        "keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one",
+        3,
+    ) else {
+        return;
+    };
+    lan.connect_all();
+    let dir = TempDir::new("ns-rotate");
+    let old = common::gwsync(&["genkey"]).stdout.trim().to_owned();
+    let new = common::gwsync(&["genkey"]).stdout.trim().to_owned();
+    let key_files: Vec<_> = (0..3)
+        .map(|index| dir.path().join(format!("gw{index}.key")))
+        .collect();
+    let write_keys = |index: usize, keys: &[&str]| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &key_files[index];
+        // Written aside and renamed in, as an admin's editor or scp does:
+        // a reload never reads half a file.
+        let temp = path.with_extension("new");
+        std::fs::write(&temp, keys.join("\n") + "\n").unwrap();
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&temp, path).unwrap();
+    };
+    for index in 0..3 {
+        write_keys(index, &[&old]);
+    }
+    let port = unique_port().to_string();
+    let daemons: Arc<Vec<Daemon>> = Arc::new(
+        lan.nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| {
+                let key_file = key_files[index].to_str().unwrap().to_owned();
+                Daemon::start(
+                    dir.path(),
+                    &format!("gw{index}"),
+                    Some(node),
+                    &[
+                        "--interface",
+                        "eth0",
+                        "--port",
+                        &port,
+                        "--key-file",
+                        &key_file,
+                    ],
+                )
+            })
+            .collect(),
+    );
+
+    // Writes keep flowing on every gateway in turn during the whole rotation.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (daemons, stop, acknowledged) = (daemons.clone(), stop.clone(), acknowledged.clone());
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("flow/{n}");
+                if daemons[n % 3].cli(&["set", &key, &n.to_string()]).code == 0 {
+                    acknowledged.lock().unwrap().push((key, n));
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // The documented procedure: add the next key everywhere (still sending
+    // the old one), switch senders, remove the old key. Each gateway is
+    // changed on its own, half of them by SIGHUP, half by `gwsync reload`.
+    let steps: [&[&str]; 3] = [&[&old, &new], &[&new, &old], &[&new]];
+    let mut reloads = 0;
+    for (step, keys) in steps.iter().enumerate() {
+        for index in 0..3 {
+            write_keys(index, keys);
+            if reloads % 2 == 0 {
+                let pid = nix::unistd::Pid::from_raw(daemons[index].pid() as i32);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+            } else {
+                let reply = daemons[index].cli(&["reload"]);
+                assert_eq!(reply.code, 0, "{reply:?}");
+            }
+            reloads += 1;
+            let sending = fingerprint(keys[0]);
+            wait_until(
+                &format!("gw{index} sends with the key of step {step}"),
+                SYNC_TIMEOUT,
+                || {
+                    let status = daemons[index].status();
+                    status["keys"][0]["fingerprint"] == sending.as_str()
+                        && status["keys"].as_array().map(Vec::len) == Some(keys.len())
+                },
+            );
+            // No gateway is cut off at any point: a write on each one
+            // reaches the two others.
+            for (from, daemon) in daemons.iter().enumerate() {
+                let marker = format!("marker/{step}/{index}/{from}");
+                daemon.set(&marker, "true");
+                wait_all_have(&daemons, &marker, "true", SYNC_TIMEOUT);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "writes kept flowing: {}",
+        acknowledged.len()
+    );
+    for daemon in daemons.iter() {
+        wait_until(
+            &format!("{} has every acknowledged write", daemon.name),
+            SYNC_TIMEOUT,
+            || {
+                let dump: serde_json::Value =
+                    serde_json::from_str(&daemon.cli(&["dump"]).stdout).unwrap_or_default();
+                acknowledged
+                    .iter()
+                    .all(|(key, n)| dump[key.as_str()] == serde_json::json!(n))
+            },
+        );
+        let status = daemon.status();
+        assert_eq!(
+            status["counters"]["other_key_datagrams"], 0,
+            "{} heard a datagram no key of its opened: {status}",
+            daemon.name
+        );
+        assert_eq!(status["counters"]["key_reloads"], 3, "{status}");
+        assert_eq!(
+            status["peers"].as_array().map(Vec::len),
+            Some(2),
+            "{status}"
+        );
+    }
+}

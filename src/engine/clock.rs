@@ -1,65 +1,65 @@
-//! Hybrid logical clock (Kulkarni et al., "Logical Physical Clocks", 2014).
+//! Hybrid logical clock (Kulkarni et al., "Logical Physical Clocks and
+//! Consistent Snapshots in Globally Distributed Databases", 2014), with a
+//! bound on what peers may tell it.
 //!
 //! Routers boot with a wrong wall clock until NTP runs and often have no RTC,
 //! so versions cannot be plain wall-clock times. An HLC timestamp is the
 //! largest physical time seen (ours or a peer's) plus a logical counter that
-//! orders events within one millisecond. It never goes backwards, even when
-//! the wall clock jumps back, and the high-water mark is persisted so a
-//! restart with an unset clock still issues newer versions than before.
+//! orders events within one millisecond, packed into a [`Hlc`].
+//!
+//! # The bound on remote clocks
+//!
+//! The paper's receive rule takes any remote timestamp (`l = max(l, l_m,
+//! pt)`) and assumes clocks drift by at most epsilon; it suggests ignoring
+//! messages from further ahead, but leaves that to the deployment. gwsync
+//! cannot assume it: one peer with a wrong clock, or one forged datagram,
+//! would otherwise move every gateway's clock (and every later version)
+//! anywhere, up to the largest timestamp, after which no key could be
+//! written again. So:
+//!
+//! - **Rule.** A timestamp heard from a peer (a summary's clock, an entry's
+//!   or fragment's version, a bucket's newest version) is used only if it is
+//!   at most `clock_ahead_max_ms` (default 5 minutes) past this gateway's
+//!   own physical clock ([`remote_limit`]). Anything further ahead is
+//!   refused and counted (`clock_ahead` for summaries and digests,
+//!   `version_ahead` for entries and fragments), never merged, and moves
+//!   nothing. A peer can therefore push our clock at most
+//!   `clock_ahead_max_ms` past our physical time, whatever it sends.
+//! - **Why minutes.** NTP keeps routers within milliseconds of each other;
+//!   minutes tolerate a router whose clock drifted for weeks without NTP,
+//!   while keeping what a liar can do small: versions at most minutes in the
+//!   future, which real time catches up with.
+//! - **An honest gateway whose clock is behind** (no RTC, before NTP) simply
+//!   refuses the group's newer entries for now (they are counted, not lost:
+//!   the group still holds them) and keeps issuing versions from its own
+//!   clock for its writes, which the group accepts (there is no bound into
+//!   the past). Once its clock is set the next repair brings it the rest.
+//!   Its writes are never refused by the group, but under last-writer-wins
+//!   they lose to a write the group made at a later timestamp.
+//! - **An honest gateway whose clock is ahead** has its writes refused by
+//!   the others until real time reaches their versions. When its clock is
+//!   set back further than the bound, [`Clock::tick`] starts again from the
+//!   physical clock instead of the old high-water mark (a deviation from the
+//!   paper, whose `l` never decreases): per key, a local write still gets a
+//!   version newer than the one stored (the engine takes the successor of the
+//!   stored version when that is larger), which is the order
+//!   last-writer-wins needs; order across different keys is what is given up,
+//!   and only after a clock jump the paper does not allow either.
+//!
+//! Tombstone lifetimes are measured against the physical clock, not this
+//! clock, so no peer can make tombstones expire early (store.rs).
 //!
 //! Deviation from the paper: the counter is 16 bits; when it would overflow
 //! the physical part is advanced by one millisecond instead, which keeps
 //! timestamps unique and monotonic at the cost of running slightly ahead
 //! under more than 65,535 events per millisecond.
 
-use super::NodeId;
+pub use crate::proto::{Hlc, Version};
 
-/// A hybrid logical timestamp packed as `physical_ms << 16 | counter`.
-///
-/// Packing into one `u64` makes comparison, hashing and the wire format
-/// trivial; 48 bits of milliseconds last until the year 10889.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Hlc(pub u64);
-
-impl Hlc {
-    pub const ZERO: Hlc = Hlc(0);
-    const COUNTER_BITS: u32 = 16;
-    const COUNTER_MAX: u64 = (1 << Self::COUNTER_BITS) - 1;
-    /// Physical times are clamped to 48 bits so packing never overflows.
-    const PHYSICAL_MAX_MS: u64 = (1 << 48) - 1;
-
-    pub fn new(physical_ms: u64, counter: u16) -> Hlc {
-        Hlc((physical_ms.min(Self::PHYSICAL_MAX_MS) << Self::COUNTER_BITS) | counter as u64)
-    }
-
-    pub fn physical_ms(self) -> u64 {
-        self.0 >> Self::COUNTER_BITS
-    }
-
-    pub fn counter(self) -> u16 {
-        (self.0 & Self::COUNTER_MAX) as u16
-    }
-
-    /// The smallest timestamp strictly greater than `self`.
-    fn successor(self) -> Hlc {
-        if self.counter() as u64 == Self::COUNTER_MAX {
-            Hlc::new(self.physical_ms() + 1, 0)
-        } else {
-            Hlc(self.0 + 1)
-        }
-    }
-}
-
-/// The version of one entry: a total order shared by every gateway.
-///
-/// Ordered by timestamp, then by origin node id, so two gateways writing one
-/// key in the same millisecond still agree on the winner. (A node-id clash
-/// from cloned images can produce two equal versions for different values;
-/// the store breaks that last tie on the value bytes.)
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub hlc: Hlc,
-    pub origin: NodeId,
+/// The newest remote timestamp a gateway accepts when its physical clock
+/// reads `physical_ms`.
+pub fn remote_limit(physical_ms: u64, clock_ahead_max_ms: u64) -> Hlc {
+    Hlc::new(physical_ms.saturating_add(clock_ahead_max_ms), u16::MAX)
 }
 
 /// The clock state of one gateway.
@@ -79,23 +79,26 @@ impl Clock {
         self.last
     }
 
-    /// A timestamp for a local event at wall-clock time `wall_ms`, strictly
-    /// greater than every timestamp issued or observed before.
-    pub fn tick(&mut self, wall_ms: u64) -> Hlc {
+    /// A timestamp for a local event at wall-clock time `wall_ms`: strictly
+    /// greater than every timestamp issued or observed before, unless that
+    /// high-water mark is more than `ahead_max_ms` past the wall clock (see
+    /// the module doc), in which case the clock restarts from `wall_ms`.
+    pub fn tick(&mut self, wall_ms: u64, ahead_max_ms: u64) -> Hlc {
         let wall = Hlc::new(wall_ms, 0);
-        self.last = if wall > self.last {
-            wall
-        } else {
-            self.last.successor()
+        let successor = self.last.checked_successor();
+        self.last = match successor {
+            Some(next) if next > wall && next <= remote_limit(wall_ms, ahead_max_ms) => next,
+            _ => wall,
         };
         self.last
     }
 
-    /// Takes a timestamp heard from a peer into account, so that the next
-    /// local event is ordered after it.
-    pub fn observe(&mut self, remote: Hlc) {
-        if remote > self.last {
-            self.last = remote;
+    /// Takes a timestamp into account (one the caller has checked against
+    /// [`remote_limit`], or one of our own), so that the next local event is
+    /// ordered after it.
+    pub fn observe(&mut self, timestamp: Hlc) {
+        if timestamp > self.last {
+            self.last = timestamp;
         }
     }
 }
@@ -104,41 +107,57 @@ impl Clock {
 mod tests {
     use super::*;
 
+    const AHEAD_MAX_MS: u64 = 300_000;
+
     #[test]
     fn tick_follows_a_wall_clock_that_moves_forward() {
         let mut clock = Clock::default();
-        assert_eq!(clock.tick(1_000), Hlc::new(1_000, 0));
-        assert_eq!(clock.tick(2_000), Hlc::new(2_000, 0));
+        assert_eq!(clock.tick(1_000, AHEAD_MAX_MS), Hlc::new(1_000, 0));
+        assert_eq!(clock.tick(2_000, AHEAD_MAX_MS), Hlc::new(2_000, 0));
     }
 
     #[test]
-    fn tick_never_goes_back_when_the_wall_clock_jumps_back() {
+    fn tick_never_goes_back_when_the_wall_clock_jumps_back_within_the_bound() {
         let mut clock = Clock::default();
-        let before = clock.tick(1_000_000);
-        let after_jump = clock.tick(5);
+        let before = clock.tick(1_000_000, AHEAD_MAX_MS);
+        let after_jump = clock.tick(1_000_000 - AHEAD_MAX_MS + 1, AHEAD_MAX_MS);
         assert!(after_jump > before);
         assert_eq!(after_jump, Hlc::new(1_000_000, 1));
     }
 
     #[test]
-    fn observe_orders_the_next_local_event_after_a_peer_from_the_future() {
+    fn tick_restarts_from_the_wall_clock_after_a_jump_back_past_the_bound() {
+        let mut clock = Clock::resume(Hlc::new(9_000_000_000, 3));
+        assert_eq!(clock.tick(5_000, AHEAD_MAX_MS), Hlc::new(5_000, 0));
+        assert_eq!(clock.tick(5_000, AHEAD_MAX_MS), Hlc::new(5_000, 1));
+    }
+
+    #[test]
+    fn observe_orders_the_next_local_event_after_a_peer_within_the_bound() {
         let mut clock = Clock::default();
-        clock.tick(10);
-        let remote = Hlc::new(9_000_000, 7);
+        clock.tick(10_000, AHEAD_MAX_MS);
+        let remote = remote_limit(10_000, AHEAD_MAX_MS);
         clock.observe(remote);
-        assert!(clock.tick(11) > remote);
+        assert!(clock.tick(10_001, AHEAD_MAX_MS) > remote);
     }
 
     #[test]
     fn counter_overflow_advances_the_physical_part() {
         let mut clock = Clock::resume(Hlc::new(50, u16::MAX));
-        let next = clock.tick(0);
+        let next = clock.tick(0, AHEAD_MAX_MS);
         assert_eq!(next, Hlc::new(51, 0));
     }
 
     #[test]
-    fn resume_issues_timestamps_after_the_persisted_high_water_mark() {
-        let mut clock = Clock::resume(Hlc::new(1_700_000_000_000, 3));
-        assert!(clock.tick(0) > Hlc::new(1_700_000_000_000, 3));
+    fn the_largest_timestamp_cannot_wedge_the_clock() {
+        let mut clock = Clock::resume(Hlc::MAX);
+        assert_eq!(clock.tick(1_000, AHEAD_MAX_MS), Hlc::new(1_000, 0));
+    }
+
+    #[test]
+    fn resume_issues_timestamps_after_a_recent_persisted_high_water_mark() {
+        let mark = Hlc::new(1_700_000_000_000, 3);
+        let mut clock = Clock::resume(mark);
+        assert!(clock.tick(1_700_000_000_000 - 60_000, AHEAD_MAX_MS) > mark);
     }
 }

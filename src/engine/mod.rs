@@ -14,7 +14,6 @@ pub mod trickle;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::str::FromStr;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,37 +21,15 @@ use rand::{Rng, SeedableRng};
 use crate::crypto::{Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD};
 use crate::wire::{
     self, BUCKET_DIGEST_LEN, BUCKET_DIGESTS_PREFIX, BucketDigests, DecodeError, ENTRIES_PREFIX_MAX,
-    Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, RepairTag, Summary,
+    Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, Packet, RepairTag, Summary,
     WireEntry,
 };
-use clock::{Clock, Hlc, Version};
+use clock::{Clock, Hlc, Version, remote_limit};
 use reassembly::{Reassembly, ReassemblyLimits};
 use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits};
 use trickle::{Trickle, TrickleConfig};
 
-/// A gateway's identity. Persisted, so versions written before a restart
-/// still name their origin; random, so no gateway needs configuring.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId(pub u64);
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeId({self})")
-    }
-}
-
-impl FromStr for NodeId {
-    type Err = std::num::ParseIntError;
-    fn from_str(text: &str) -> Result<NodeId, Self::Err> {
-        u64::from_str_radix(text, 16).map(NodeId)
-    }
-}
+pub use crate::proto::NodeId;
 
 /// Why a sync was requested from outside (method step 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +85,18 @@ pub struct Config {
     pub sender_datagrams_per_sec_max: u32,
     /// How often expired tombstones are purged.
     pub purge_interval_ms: u64,
+    /// How far past this gateway's physical clock a peer's timestamp may
+    /// be; anything further ahead is refused (see clock.rs).
+    pub clock_ahead_max_ms: u64,
+    /// The node id changes at most once per this interval, however much
+    /// clash evidence arrives (each change is a flash write and a log line).
+    pub node_id_change_interval_ms: u64,
+    /// Repair bytes this gateway sends per second at most: a join (or a
+    /// forged request that looks like one) is served at this pace.
+    pub repair_bytes_per_sec_max: u64,
+    /// A bucket repaired is not repaired again within this long, however
+    /// many requests for it arrive: one answer per window serves them all.
+    pub repair_bucket_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -132,6 +121,10 @@ impl Default for Config {
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
             purge_interval_ms: 60_000,
+            clock_ahead_max_ms: 300_000,
+            node_id_change_interval_ms: 600_000,
+            repair_bytes_per_sec_max: 512 * 1024,
+            repair_bucket_interval_ms: 1_000,
         }
     }
 }
@@ -158,7 +151,8 @@ pub enum Event {
 /// Why a local write was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteError {
-    /// The key is empty or longer than `key_bytes_max`.
+    /// The key is empty, longer than `key_bytes_max` or holds a control
+    /// character.
     InvalidKey,
     /// The value is longer than `value_bytes_max`.
     ValueTooLarge,
@@ -166,25 +160,77 @@ pub enum WriteError {
     StoreFull,
     /// Delete of a key that holds no value.
     NotFound,
+    /// The key's stored version is the largest there is, so no write can be
+    /// newer (only a state file from before the clock bound can hold one).
+    VersionExhausted,
 }
 
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            WriteError::InvalidKey => "key is empty or too long",
+            WriteError::InvalidKey => "key is empty, too long or holds a control character",
             WriteError::ValueTooLarge => "value is too large",
             WriteError::StoreFull => "store is full",
             WriteError::NotFound => "key not found",
+            WriteError::VersionExhausted => {
+                "the key holds the largest possible version; no newer write exists"
+            }
         })
     }
 }
 
 impl std::error::Error for WriteError {}
 
+impl WriteError {
+    /// The error for a person: names the key and the limit it hit.
+    /// `value_bytes` is the refused value's size (0 for a delete).
+    pub fn explain(self, key: &str, value_bytes: usize, limits: &StoreLimits) -> String {
+        let shown = shown_key(key);
+        match self {
+            WriteError::InvalidKey if key.is_empty() => "the key is empty".to_owned(),
+            WriteError::InvalidKey if key.len() > limits.key_bytes_max => format!(
+                "key {shown} is too long: {} bytes; the limit is {} bytes",
+                key.len(),
+                limits.key_bytes_max
+            ),
+            WriteError::InvalidKey => {
+                let (at, bad) = key
+                    .char_indices()
+                    .find(|(_, c)| c.is_control())
+                    .unwrap_or((0, '?'));
+                format!(
+                    "key {shown} holds control character U+{:04X} at byte {at}; keys may not hold control characters",
+                    u32::from(bad)
+                )
+            }
+            WriteError::ValueTooLarge => format!(
+                "value for key {shown} is too large: {value_bytes} bytes; the limit is {} bytes",
+                limits.value_bytes_max
+            ),
+            WriteError::StoreFull => format!(
+                "store is full, key {shown} not stored; the limits are {} entries and {} bytes of keys and values (tombstones included)",
+                limits.entries_max, limits.store_bytes_max
+            ),
+            WriteError::NotFound => format!("key not found: {shown}"),
+            WriteError::VersionExhausted => format!("key {shown}: {self}"),
+        }
+    }
+}
+
+/// A key as an error message shows it: quoted with control characters
+/// escaped, and cut short when long.
+pub fn shown_key(key: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 64;
+    match key.char_indices().nth(SHOWN_CHARS_MAX) {
+        Some((cut, _)) => format!("{:?}...", &key[..cut]),
+        None => format!("{key:?}"),
+    }
+}
+
 impl From<Rejected> for WriteError {
     fn from(rejected: Rejected) -> Self {
         match rejected {
-            Rejected::KeyTooLong => WriteError::InvalidKey,
+            Rejected::KeyTooLong | Rejected::KeyControlChar => WriteError::InvalidKey,
             Rejected::ValueTooLarge => WriteError::ValueTooLarge,
             Rejected::StoreFull => WriteError::StoreFull,
         }
@@ -209,6 +255,18 @@ pub enum DropReason {
     ReassemblyFull,
     /// A new peer beyond `peers_max` displaced the least recently heard.
     PeerEvicted,
+    /// A summary clock or bucket timestamp more than `clock_ahead_max_ms`
+    /// past our physical clock: the whole datagram is refused.
+    ClockAhead,
+    /// An entry or fragment whose version is more than `clock_ahead_max_ms`
+    /// past our physical clock.
+    VersionAhead,
+    /// Our node id with another boot, but not fresh evidence of a clone (not
+    /// a summary sent after we started): a replay of an earlier boot of ours.
+    OwnIdNotFresh,
+    /// Fresh clash evidence within `node_id_change_interval_ms` of the last
+    /// node id change.
+    NodeIdChangePaced,
 }
 
 impl DropReason {
@@ -222,6 +280,10 @@ impl DropReason {
             DropReason::OverLimit => "over_limit",
             DropReason::ReassemblyFull => "reassembly_full",
             DropReason::PeerEvicted => "peer_evicted",
+            DropReason::ClockAhead => "clock_ahead",
+            DropReason::VersionAhead => "version_ahead",
+            DropReason::OwnIdNotFresh => "own_id_not_fresh",
+            DropReason::NodeIdChangePaced => "node_id_change_paced",
         }
     }
 }
@@ -242,6 +304,21 @@ pub struct Counters {
     pub entries_stale: u64,
     pub socket_rebuilds: u64,
     pub node_id_clashes: u64,
+    /// Local writes refused with [`WriteError::VersionExhausted`].
+    pub writes_version_exhausted: u64,
+    /// Bucket repairs not sent because the bucket was repaired within
+    /// `repair_bucket_interval_ms`.
+    pub repairs_paced: u64,
+    /// Times repair waited for `repair_bytes_per_sec_max`.
+    pub repair_budget_waits: u64,
+    /// Partial large values evicted to make room for a sender using less
+    /// reassembly memory.
+    pub reassembly_evictions: u64,
+    /// Entries found beyond the clock bound after our clock was set back:
+    /// others' are forgotten (the group refuses them too), ours written
+    /// again with a version from the corrected clock.
+    pub future_entries_forgotten: u64,
+    pub future_writes_restamped: u64,
     pub dropped: BTreeMap<DropReason, u64>,
 }
 
@@ -350,6 +427,23 @@ pub struct Engine {
     last_gap_probe: Option<u64>,
     tail: Option<Tail>,
     purge_due: u64,
+    /// Wall clock minus monotonic time, from the last
+    /// [`Engine::set_wall_clock`] or write: our physical clock.
+    wall_offset_ms: Option<i64>,
+    /// Our physical clock when we started: clash evidence must be newer.
+    started_physical_ms: Option<u64>,
+    last_node_id_change: Option<u64>,
+    /// The digest of our last summary, and when it went out.
+    announced: Option<(u64, u64)>,
+    /// When a summary differing from our data was first heard since the
+    /// last consistent one. Bucket digests answer a difference only when it
+    /// is heard again after our own summary went out (see `on_summary`).
+    difference_heard_at: Option<u64>,
+    /// Repair byte budget (may run below zero by one bucket).
+    repair_budget_bytes: i64,
+    repair_budget_at: u64,
+    /// When each bucket was last repaired by us.
+    bucket_repaired_at: Box<[Option<u64>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     counters: Counters,
@@ -386,6 +480,14 @@ impl Engine {
             last_gap_probe: None,
             tail: None,
             purge_due: now + config.purge_interval_ms,
+            wall_offset_ms: None,
+            started_physical_ms: None,
+            last_node_id_change: None,
+            announced: None,
+            difference_heard_at: None,
+            repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
+            repair_budget_at: now,
+            bucket_repaired_at: Box::new([None; BUCKETS]),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -403,7 +505,7 @@ impl Engine {
         clock_high_water: Hlc,
         entries: impl IntoIterator<Item = (String, Entry)>,
     ) {
-        let now = self.clock.high_water().max(clock_high_water);
+        let now = Hlc::new(self.physical_ms(self.now), 0);
         for (key, entry) in entries {
             if let Merged::Rejected(_) = self.store.merge(&key, entry, now) {
                 self.count_drop(DropReason::OverLimit);
@@ -503,18 +605,35 @@ impl Engine {
         value: Option<&[u8]>,
     ) -> Result<(), WriteError> {
         self.store.check(key, value)?;
+        self.set_wall_clock(now, wall_ms);
+        let ticked = self.clock.tick(wall_ms, self.config.clock_ahead_max_ms);
+        // Per key, a write must be newer than what is stored, whatever the
+        // clock says (see clock.rs); the largest version has no successor.
+        let floor = match self.store.get(key) {
+            None => Some(Hlc::ZERO),
+            Some(stored) => stored.version.hlc.checked_successor(),
+        };
+        let Some(floor) = floor else {
+            self.counters.writes_version_exhausted += 1;
+            log::warn!("write to {key} refused: it holds the largest possible version");
+            return Err(WriteError::VersionExhausted);
+        };
         let version = Version {
-            hlc: self.clock.tick(wall_ms),
+            hlc: ticked.max(floor),
             origin: self.node_id,
         };
+        self.clock.observe(version.hlc);
         let entry = Entry {
             version,
             value: value.map(Into::into),
         };
-        match self.store.merge(key, entry, version.hlc) {
+        let physical = Hlc::new(wall_ms, 0);
+        match self.store.merge(key, entry, physical) {
             Merged::Applied => {}
             Merged::Rejected(rejected) => return Err(rejected.into()),
-            Merged::Stale => unreachable!("a fresh clock tick is newer than anything stored"),
+            // Only a tombstone written with a wall clock more than its
+            // lifetime behind its own version can be stale here.
+            Merged::Stale => {}
         }
         self.state_generation += 1;
         self.events.push_back(Event::Changed {
@@ -525,6 +644,48 @@ impl Engine {
         self.pending_push.insert(key.to_owned());
         self.push_due.get_or_insert(now + self.config.push_delay_ms);
         Ok(())
+    }
+
+    /// Merges one entry restored by an operator (`gwsync load`) by the
+    /// normal rule, so an older entry never overwrites a newer one; an
+    /// applied entry is announced to the group like a local write.
+    pub fn load_entry(
+        &mut self,
+        now: u64,
+        key: String,
+        version: Version,
+        value: Option<Box<[u8]>>,
+    ) -> Merged {
+        let pushed = key.clone();
+        let merged = self.merge_entry(key, version, value);
+        if merged == Merged::Applied {
+            self.pending_push.insert(pushed);
+            self.push_due.get_or_insert(now + self.config.push_delay_ms);
+        }
+        merged
+    }
+
+    /// Tells the engine the wall clock: `wall_ms` (ms since the Unix epoch)
+    /// is the time at monotonic `now`. Call it at start and whenever the
+    /// wall clock may have been set (the driver does before every input);
+    /// remote timestamps are bounded against it and tombstones expire by
+    /// it. Until it is called the clock's own high-water mark stands in.
+    pub fn set_wall_clock(&mut self, now: u64, wall_ms: u64) {
+        self.wall_offset_ms = Some(wall_ms as i64 - now as i64);
+        self.started_physical_ms.get_or_insert(wall_ms);
+    }
+
+    /// Our physical clock at monotonic `now`.
+    fn physical_ms(&self, now: u64) -> u64 {
+        match self.wall_offset_ms {
+            Some(offset) => (now as i64).saturating_add(offset).max(0) as u64,
+            None => self.clock.high_water().physical_ms(),
+        }
+    }
+
+    /// The newest timestamp accepted from a peer now.
+    fn remote_limit(&self) -> Hlc {
+        remote_limit(self.physical_ms(self.now), self.config.clock_ahead_max_ms)
     }
 
     /// Starts a sync request (method step 5): devices powered on or
@@ -604,8 +765,48 @@ impl Engine {
         }
         if now >= self.purge_due {
             self.purge_due = now + self.config.purge_interval_ms;
-            if self.store.purge_expired(self.clock.high_water()) > 0 {
+            // The physical clock, which no peer can move: tombstones live
+            // their full lifetime whatever clocks the group hears.
+            let physical = Hlc::new(self.physical_ms(now), 0);
+            if self.store.purge_expired(physical) > 0 {
                 self.state_generation += 1;
+            }
+            self.recheck_clock_bound(now);
+        }
+    }
+
+    /// After our own clock was set back (it ran ahead), entries stored
+    /// while it was ahead can lie beyond the bound: every other gateway
+    /// refuses them, so keeping them would split us from the group until
+    /// real time reaches them. Ours are written again now (the write is
+    /// kept, with a version the group takes); others' are forgotten, and
+    /// repair brings back what the group holds for those keys.
+    fn recheck_clock_bound(&mut self, now: u64) {
+        let limit = self.remote_limit();
+        let beyond: Vec<(String, Entry)> = self
+            .store
+            .iter()
+            .filter(|(_, entry)| entry.version.hlc > limit)
+            .map(|(key, entry)| (key.to_owned(), entry.to_owned()))
+            .collect();
+        if beyond.is_empty() {
+            return;
+        }
+        let wall_ms = self.physical_ms(now);
+        for (key, Entry { version, value }) in beyond {
+            self.store.forget(&key);
+            self.state_generation += 1;
+            if version.origin == self.node_id {
+                self.counters.future_writes_restamped += 1;
+                // Cannot fail: the key was just forgotten, its size fitted.
+                let _ = self.write(now, wall_ms, &key, value.as_deref());
+            } else {
+                self.counters.future_entries_forgotten += 1;
+                self.events.push_back(Event::Changed {
+                    key,
+                    value: None,
+                    origin: version.origin,
+                });
             }
         }
     }
@@ -622,8 +823,7 @@ impl Engine {
         // Only now, with the header authenticated (when keyed), may a
         // datagram claiming our id make us change it.
         if header.sender == self.node_id {
-            self.resolve_node_id_clash();
-            return;
+            return self.on_own_id(now, &message);
         }
         if let Err(reason) = self.hear_peer(now, &header) {
             return self.count_drop(reason);
@@ -644,27 +844,57 @@ impl Engine {
         }
     }
 
-    /// Decodes (and with a key, authenticates and decrypts) a datagram.
+    /// Decodes (and with a key, authenticates and decrypts) a datagram,
+    /// parsing its header once.
     fn open(&self, bytes: &[u8]) -> Result<(Header, Message), DropReason> {
-        let header = Header::parse(bytes).map_err(DropReason::Decode)?;
-        let own_boot = header.boot == self.boot || Some(header.boot) == self.previous_boot;
-        if header.sender == self.node_id && own_boot {
+        let packet = Packet::new_checked(bytes).map_err(DropReason::Decode)?;
+        let own_boot = packet.boot() == self.boot || Some(packet.boot()) == self.previous_boot;
+        if packet.sender() == self.node_id && own_boot {
             return Err(DropReason::Own);
         }
-        let Some(keyring) = &self.keyring else {
-            return wire::decode(bytes).map_err(DropReason::Decode);
+        let message = match &self.keyring {
+            None if packet.is_encrypted() => return Err(DropReason::Decode(DecodeError::BadKey)),
+            None => Message::parse_payload(packet.message_type(), packet.body()),
+            Some(_) if !packet.is_encrypted() => {
+                return Err(DropReason::Decode(DecodeError::Unencrypted));
+            }
+            Some(keyring) => {
+                let payload = keyring.open(&packet).map_err(DropReason::Crypto)?;
+                Message::parse_payload(packet.message_type(), &payload)
+            }
         };
-        if header.flags & wire::FLAG_ENCRYPTED == 0 {
-            return Err(DropReason::Decode(DecodeError::Unencrypted));
-        }
-        let payload = keyring.open(bytes).map_err(DropReason::Crypto)?;
-        let message =
-            Message::parse_payload(header.message_type, &payload).map_err(DropReason::Decode)?;
-        Ok((header, message))
+        Ok((packet.header(), message.map_err(DropReason::Decode)?))
     }
 
     fn count_drop(&mut self, reason: DropReason) {
         *self.counters.dropped.entry(reason).or_default() += 1;
+    }
+
+    /// Our node id with another boot id: a clone, or a replay of one of our
+    /// earlier boots. Only a summary sent after we started (by its clock,
+    /// which summaries stamp with the sender's current time) and within the
+    /// clock bound counts as a clone; then the id changes, at most once per
+    /// `node_id_change_interval_ms`.
+    fn on_own_id(&mut self, now: u64, message: &Message) {
+        let Message::Summary(summary) = message else {
+            return self.count_drop(DropReason::OwnIdNotFresh);
+        };
+        if summary.clock > self.remote_limit() {
+            return self.count_drop(DropReason::ClockAhead);
+        }
+        let started = self.started_physical_ms.unwrap_or(0);
+        if summary.clock.physical_ms() < started {
+            return self.count_drop(DropReason::OwnIdNotFresh);
+        }
+        let interval = self.config.node_id_change_interval_ms;
+        if self
+            .last_node_id_change
+            .is_some_and(|at| now.saturating_sub(at) < interval)
+        {
+            return self.count_drop(DropReason::NodeIdChangePaced);
+        }
+        self.last_node_id_change = Some(now);
+        self.resolve_node_id_clash();
     }
 
     /// Cloned router images share a persisted node id. Both gateways notice
@@ -685,11 +915,17 @@ impl Engine {
     /// quiet-period timer.
     fn hear_peer(&mut self, now: u64, header: &Header) -> Result<(), DropReason> {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
+        let keyed = self.keyring.is_some();
         let mut missed_some = false;
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
                 match window.check(header.boot, header.seq) {
+                    // Unauthenticated, a retired boot proves nothing: a
+                    // forger may have announced the boot that retired it.
+                    Err(ReplayError::RetiredBoot) if !keyed => {
+                        window.switch_boot(header.boot, header.seq);
+                    }
                     Err(error) => return Err(DropReason::Replay(error)),
                     Ok(accepted) => missed_some = matches!(accepted, Accepted::Skipped { .. }),
                 }
@@ -739,8 +975,12 @@ impl Engine {
     }
 
     fn on_summary(&mut self, now: u64, summary: Summary) {
+        if summary.clock > self.remote_limit() {
+            return self.count_drop(DropReason::ClockAhead);
+        }
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
+            self.difference_heard_at = None;
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -750,8 +990,21 @@ impl Engine {
         self.loss_seen_at = Some(now);
         // Method steps 3 and 4 at bucket level: answer with our bucket
         // digests; whichever side holds newer buckets then sends them.
+        // Digests (up to 5 kB) answer a difference only when it is heard
+        // again after our own summary (which the reset sends soon) went
+        // out: a real peer that differs keeps saying so, one round later,
+        // while a single forged summary draws a few summaries, not 100x
+        // its size in digests.
         self.trickle.reset(now, &mut self.rng);
-        if self.repair_queue.is_empty() {
+        let digest = self.store.digest();
+        let confirmed = match (self.difference_heard_at, self.announced) {
+            (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
+            _ => false,
+        };
+        if !confirmed {
+            self.difference_heard_at.get_or_insert(now);
+        } else if self.repair_queue.is_empty() {
+            self.difference_heard_at = None;
             self.schedule_bucket_digests(now, summary.digest);
         }
     }
@@ -774,12 +1027,17 @@ impl Engine {
             self.count_drop(DropReason::OverLimit);
             return Merged::Rejected(rejected);
         }
+        if version.hlc > self.remote_limit() {
+            self.count_drop(DropReason::VersionAhead);
+            return Merged::Stale;
+        }
         self.clock.observe(version.hlc);
         let entry = Entry {
             version,
             value: value.clone(),
         };
-        let merged = self.store.merge(&key, entry, self.clock.high_water());
+        let physical = Hlc::new(self.physical_ms(self.now), 0);
+        let merged = self.store.merge(&key, entry, physical);
         match merged {
             Merged::Applied => {
                 self.counters.entries_applied += 1;
@@ -833,6 +1091,9 @@ impl Engine {
     }
 
     fn on_fragment(&mut self, now: u64, sender: NodeId, fragment: Fragment) {
+        if fragment.version.hlc > self.remote_limit() {
+            return self.count_drop(DropReason::VersionAhead);
+        }
         if self
             .store
             .get(&fragment.key)
@@ -844,10 +1105,11 @@ impl Engine {
         let key = fragment.key.clone();
         let version = fragment.version;
         let value_bytes_max = self.config.store.value_bytes_max;
-        match self
+        let inserted = self
             .reassembly
-            .insert(now, sender, fragment, value_bytes_max)
-        {
+            .insert(now, sender, fragment, value_bytes_max);
+        self.counters.reassembly_evictions = self.reassembly.evictions();
+        match inserted {
             Ok(Some(value)) => {
                 self.merge_entry(key, version, Some(value.into()));
             }
@@ -857,6 +1119,14 @@ impl Engine {
     }
 
     fn on_bucket_digests(&mut self, now: u64, digests: BucketDigests) {
+        let limit = self.remote_limit();
+        if digests
+            .buckets
+            .iter()
+            .any(|(_, summary)| summary.max_hlc > limit)
+        {
+            return self.count_drop(DropReason::ClockAhead);
+        }
         if digests.digest == self.store.digest() {
             // An answer identical to ours is already out.
             self.bucket_digests_due = None;
@@ -884,7 +1154,16 @@ impl Engine {
             let ours_rank = (ours.max_hlc, ours.count.min(u16::MAX as u32));
             let theirs_rank = (theirs.max_hlc, theirs.count);
             if ours_rank >= theirs_rank {
-                newly_queued |= self.repair_queue.insert(bucket);
+                let interval = self.config.repair_bucket_interval_ms;
+                let repaired_lately = self.bucket_repaired_at[bucket as usize]
+                    .is_some_and(|at| now.saturating_sub(at) < interval);
+                if repaired_lately {
+                    // Served within the window: that answer serves this
+                    // request too, however many arrive.
+                    self.counters.repairs_paced += 1;
+                } else {
+                    newly_queued |= self.repair_queue.insert(bucket);
+                }
             }
             if ours_rank <= theirs_rank {
                 we_need = true;
@@ -931,13 +1210,9 @@ impl Engine {
             Some(keyring) => {
                 header.flags |= wire::FLAG_ENCRYPTED;
                 header.key_id = keyring.primary_id();
-                let mut head = Vec::with_capacity(HEADER_LEN);
-                header.emit(&mut head);
-                let head: [u8; HEADER_LEN] =
-                    head.try_into().expect("the header is HEADER_LEN bytes");
                 let mut payload = Vec::with_capacity(256);
                 message.emit_payload(&mut payload);
-                keyring.seal(&head, &payload, &mut self.nonce_rng)
+                keyring.seal(&header.to_bytes(), &payload, &mut self.nonce_rng)
             }
         };
         self.counters.datagrams_sent += 1;
@@ -955,11 +1230,21 @@ impl Engine {
     }
 
     fn send_summary(&mut self) {
+        // The clock field tells the sender's current time (not only its
+        // last event), so a clone's summary is told from a replay of ours.
+        // Capped at the bound, so a gateway whose clock was set back after
+        // running ahead is not refused by everyone until time catches up.
+        let physical_ms = self.physical_ms(self.now);
+        let high_water = self
+            .clock
+            .high_water()
+            .min(remote_limit(physical_ms, self.config.clock_ahead_max_ms));
         let summary = Summary {
             digest: self.store.digest(),
             entries: self.store.len() as u32,
-            clock: self.clock.high_water(),
+            clock: high_water.max(Hlc::new(physical_ms, 0)),
         };
+        self.announced = Some((summary.digest, self.now));
         self.send(&Message::Summary(summary));
     }
 
@@ -1091,10 +1376,34 @@ impl Engine {
         }));
     }
 
+    /// Refills the repair byte budget; returns when it will be positive.
+    fn repair_budget_ready_at(&mut self, now: u64) -> u64 {
+        let rate = self.config.repair_bytes_per_sec_max.max(1) as i64;
+        let elapsed = now.saturating_sub(self.repair_budget_at) as i64;
+        let refill = elapsed.saturating_mul(rate) / 1000;
+        if refill > 0 {
+            self.repair_budget_bytes = self.repair_budget_bytes.saturating_add(refill).min(rate);
+            self.repair_budget_at = now;
+        }
+        if self.repair_budget_bytes > 0 {
+            now
+        } else {
+            now + ((1 - self.repair_budget_bytes) * 1000 / rate) as u64 + 1
+        }
+    }
+
     fn repair_next(&mut self, now: u64) {
+        let ready_at = self.repair_budget_ready_at(now);
+        if ready_at > now {
+            self.counters.repair_budget_waits += 1;
+            self.repair_due = Some(ready_at);
+            return;
+        }
         let Some(bucket) = self.repair_queue.pop_first() else {
             return;
         };
+        self.bucket_repaired_at[bucket as usize] = Some(now);
+        let bytes_before = self.counters.bytes_sent;
         let tag = RepairTag {
             bucket,
             digest: self.store.bucket_summary(bucket as usize).digest,
@@ -1108,6 +1417,8 @@ impl Engine {
             Some(tag),
             entries.iter().map(|(key, entry)| (key.as_str(), entry)),
         );
+        let bytes = self.counters.bytes_sent - bytes_before;
+        self.repair_budget_bytes = self.repair_budget_bytes.saturating_sub(bytes as i64);
         if !self.repair_queue.is_empty() {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
@@ -1122,12 +1433,27 @@ mod tests {
     fn own_datagrams_are_dropped_and_a_clashing_id_is_replaced() {
         let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
         let mut b = Engine::new(Config::default(), NodeId(1), 2, 0);
+        a.set_wall_clock(0, 1_000);
+        b.set_wall_clock(0, 1_000);
         a.set(0, 1_000, "k", b"1").unwrap();
         a.handle_timeout(a.poll_timeout());
-        let datagram = a.poll_transmit().expect("push");
-        a.handle_datagram(5, &datagram);
+        let push = a.poll_transmit().expect("push");
+        a.handle_datagram(5, &push);
         assert_eq!(a.counters().dropped.get(&DropReason::Own), Some(&1));
-        b.handle_datagram(5, &datagram);
+        // Our id in a push is no evidence of a clone (it may be a replay).
+        b.handle_datagram(5, &push);
+        assert_eq!(b.node_id(), NodeId(1));
+        assert_eq!(
+            b.counters().dropped.get(&DropReason::OwnIdNotFresh),
+            Some(&1)
+        );
+        // A summary sent after b started is.
+        a.trigger(10, TriggerReason::Manual);
+        a.handle_timeout(a.poll_timeout());
+        let summary = std::iter::from_fn(|| a.poll_transmit())
+            .last()
+            .expect("summary");
+        b.handle_datagram(a.poll_timeout(), &summary);
         let clash =
             std::iter::from_fn(|| b.poll_event()).find(|e| matches!(e, Event::NodeIdClash { .. }));
         assert!(matches!(
@@ -1166,9 +1492,12 @@ mod tests {
         a.handle_timeout(a.poll_timeout());
         let datagrams: Vec<Vec<u8>> = std::iter::from_fn(|| a.poll_transmit()).collect();
         assert!(datagrams.len() >= 15);
-        for datagram in datagrams.iter().rev() {
+        // The first datagram heard from a sender opens its replay window;
+        // the rest may come in any order after it.
+        b.handle_datagram(1, &datagrams[0]);
+        for datagram in datagrams[1..].iter().rev() {
             b.handle_datagram(1, datagram);
         }
-        assert_eq!(b.get("big"), Some(&value[..]));
+        assert!(b.get("big") == Some(&value[..]), "{:?}", b.counters());
     }
 }

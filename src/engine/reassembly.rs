@@ -5,6 +5,11 @@
 //! the same buffer, and a lost fragment is made up by any later copy. Memory
 //! is bounded twice: per sender and in total, both checked before a buffer
 //! is allocated; an incomplete buffer is dropped after a timeout.
+//!
+//! Fairness: when the total is reached, a sender holding less than the
+//! largest holder gets room by evicting that holder's oldest buffer, so a
+//! flood of junk fragments (under many sender ids, in an open group) cannot
+//! keep another sender's large value out; it only competes with itself.
 
 use std::collections::BTreeMap;
 
@@ -81,6 +86,7 @@ pub struct Reassembly {
     partials: BTreeMap<(String, Version), Partial>,
     bytes: usize,
     bytes_by_sender: BTreeMap<NodeId, usize>,
+    evictions: u64,
 }
 
 impl Reassembly {
@@ -89,6 +95,11 @@ impl Reassembly {
             limits,
             ..Reassembly::default()
         }
+    }
+
+    /// Buffers evicted so far to make room for a smaller holder.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Bytes currently buffered.
@@ -117,10 +128,15 @@ impl Reassembly {
         let id = (fragment.key, fragment.version);
         if !self.partials.contains_key(&id) {
             let sender_bytes = self.bytes_by_sender.get(&sender).copied().unwrap_or(0);
-            if self.bytes + total > self.limits.bytes_max
+            if total > self.limits.bytes_max
                 || sender_bytes + total > self.limits.bytes_per_sender_max
             {
                 return Err(FragmentRejected::MemoryFull);
+            }
+            while self.bytes + total > self.limits.bytes_max {
+                if !self.evict_for(sender_bytes + total) {
+                    return Err(FragmentRejected::MemoryFull);
+                }
             }
             self.bytes += total;
             *self.bytes_by_sender.entry(sender).or_default() += total;
@@ -145,6 +161,30 @@ impl Reassembly {
         let partial = self.partials.remove(&id).expect("present");
         self.release(&partial);
         Ok(Some(partial.buffer))
+    }
+
+    /// Evicts the oldest buffer of the largest holder, if that holder has
+    /// more than `need` bytes (what the asking sender would hold after its
+    /// insert); false when nobody holds more.
+    fn evict_for(&mut self, need: usize) -> bool {
+        let Some((&largest, &bytes)) = self.bytes_by_sender.iter().max_by_key(|(_, b)| **b) else {
+            return false;
+        };
+        if bytes <= need {
+            return false;
+        }
+        let oldest = self
+            .partials
+            .iter()
+            .filter(|(_, partial)| partial.charged_to == largest)
+            .min_by_key(|(_, partial)| partial.deadline)
+            .map(|(id, _)| id.clone());
+        let Some(partial) = oldest.and_then(|id| self.partials.remove(&id)) else {
+            return false;
+        };
+        self.release(&partial);
+        self.evictions += 1;
+        true
     }
 
     fn release(&mut self, partial: &Partial) {
@@ -235,6 +275,46 @@ mod tests {
             Ok(None)
         );
         assert_eq!(reassembly.bytes(), 60);
+    }
+
+    #[test]
+    fn a_flood_from_many_senders_cannot_keep_a_smaller_holder_out() {
+        let limits = ReassemblyLimits {
+            bytes_max: 100,
+            bytes_per_sender_max: 60,
+            timeout_ms: 1_000,
+        };
+        let mut reassembly = Reassembly::new(limits);
+        let junk = |sender: u64, total: u32| Fragment {
+            key: format!("junk{sender}"),
+            ..fragment(0, b"x", total)
+        };
+        assert_eq!(
+            reassembly.insert(0, NodeId(7), junk(7, 60), 1_000),
+            Ok(None)
+        );
+        assert_eq!(
+            reassembly.insert(1, NodeId(8), junk(8, 40), 1_000),
+            Ok(None)
+        );
+        // Full: another junk sender as large as the largest holder is refused...
+        assert_eq!(
+            reassembly.insert(2, NodeId(9), junk(9, 60), 1_000),
+            Err(FragmentRejected::MemoryFull)
+        );
+        // ...while a smaller value evicts the largest holder's buffer.
+        assert_eq!(
+            reassembly.insert(3, NodeId(1), fragment(0, b"ab", 30), 1_000),
+            Ok(None)
+        );
+        assert_eq!(reassembly.evictions(), 1);
+        assert_eq!(reassembly.bytes(), 70);
+        let mut value = b"ab".to_vec();
+        value.extend_from_slice(&[b'c'; 28]);
+        assert_eq!(
+            reassembly.insert(4, NodeId(2), fragment(2, &[b'c'; 28], 30), 1_000),
+            Ok(Some(value))
+        );
     }
 
     #[test]

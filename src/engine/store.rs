@@ -105,6 +105,9 @@ impl EntryRef<'_> {
 pub enum Rejected {
     /// The key is empty or longer than `key_bytes_max`.
     KeyTooLong,
+    /// The key holds a control character (a newline would split `list`'s
+    /// one-key-per-line output, an escape would reach a terminal).
+    KeyControlChar,
     /// The value is longer than `value_bytes_max`.
     ValueTooLarge,
     /// Storing it would pass `entries_max` or `store_bytes_max`.
@@ -122,14 +125,7 @@ pub enum Merged {
     Rejected(Rejected),
 }
 
-/// Digest state of one bucket, as exchanged during repair.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BucketSummary {
-    pub digest: u64,
-    pub count: u32,
-    /// The newest timestamp in the bucket: the method's "newer data" test.
-    pub max_hlc: Hlc,
-}
+pub use crate::proto::BucketSummary;
 
 #[derive(Clone, Debug, Default)]
 struct Bucket {
@@ -381,9 +377,14 @@ impl Store {
     }
 
     /// Checks a key and value against the limits without storing anything.
+    /// The one check every key passes, whatever brought it (CLI, control
+    /// socket, C API, network, state file).
     pub fn check(&self, key: &str, value: Option<&[u8]>) -> Result<(), Rejected> {
         if key.is_empty() || key.len() > self.limits.key_bytes_max {
             return Err(Rejected::KeyTooLong);
+        }
+        if key.chars().any(char::is_control) {
+            return Err(Rejected::KeyControlChar);
         }
         if value.is_some_and(|value| value.len() > self.limits.value_bytes_max) {
             return Err(Rejected::ValueTooLarge);
@@ -439,6 +440,13 @@ impl Store {
         self.entries = new_entries;
         self.bytes = self.bytes - old_size + new_size;
         Merged::Applied
+    }
+
+    /// Removes a key outright (no tombstone): for an entry this gateway
+    /// should never have taken, as one from beyond the clock bound after
+    /// our own clock was set back.
+    pub fn forget(&mut self, key: &str) {
+        self.remove(bucket_of(key), key);
     }
 
     fn remove(&mut self, bucket_index: usize, key: &str) {
@@ -611,6 +619,13 @@ mod tests {
             store.merge("toolong", value(1, 1, "v"), NOW),
             Merged::Rejected(Rejected::KeyTooLong)
         );
+        for bad in ["a\nb", "\t", "x\u{7f}", "\u{85}"] {
+            assert_eq!(
+                store.merge(bad, value(1, 1, "v"), NOW),
+                Merged::Rejected(Rejected::KeyControlChar),
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             store.merge("k", value(1, 1, "long"), NOW),
             Merged::Rejected(Rejected::ValueTooLarge)
