@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ci-cross.sh: CI job for the router CPUs. Installs the cross toolchain with
-# ../shared/cross/cross-setup.sh and runs the whole test suite under qemu-user
+# scripts/cross/cross-setup.sh (from Debian packages) and runs the whole test suite under qemu-user
 # for mipsel-unknown-linux-musl and mips-unknown-linux-musl, the two CPUs
 # OpenWrt ships most, one of each byte order (about 4 minutes with setup).
 #
@@ -8,14 +8,14 @@
 # comes from there, and a job that skipped the cross tests because it could
 # not install them would pass without testing anything.
 #
-# Env: GWSYNC_CROSS_DIR (default: <repo>/../shared/cross), CI_CROSS_TARGETS
+# Env: GWSYNC_CROSS_DIR (default: scripts/cross), CI_CROSS_TARGETS
 #      (default: the two MIPS targets), CI_CROSS_CARGO_ARGS (extra cargo test
 #      arguments, e.g. --release), XRUST_PREFIX / XRUST_VERSION.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
-cross=${GWSYNC_CROSS_DIR:-$(cd "$repo/.." && pwd)/shared/cross}
+cross=${GWSYNC_CROSS_DIR:-$here/cross}
 read -r -a targets <<< "${CI_CROSS_TARGETS:-mipsel-unknown-linux-musl mips-unknown-linux-musl}"
 read -r -a cargo_args <<< "${CI_CROSS_CARGO_ARGS-}"
 

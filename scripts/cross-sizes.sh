@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # cross-sizes.sh [TARGET...]: build the release binary and libgwsync.a for each
-# router target with ../shared/cross (beside the repository) and print their
+# router target with scripts/cross and print their
 # sizes. Default: all eight targets cross-setup.sh supports.
 #
 # Sizes are measured with the profile OpenWrt forces on feed packages
@@ -12,13 +12,13 @@
 # needs no sysroot); the OpenWrt package links musl dynamically, so its binary
 # is smaller by the part of libc it pulls in (roughly 50-100 KiB).
 #
-# Env: GWSYNC_CROSS_DIR (default: <repo>/../shared/cross), CARGO_TARGET_DIR,
+# Env: GWSYNC_CROSS_DIR (default: scripts/cross), CARGO_TARGET_DIR,
 #      XRUST_PREFIX / XRUST_VERSION (passed to the cross scripts).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
-cross=${GWSYNC_CROSS_DIR:-$(cd "$repo/.." && pwd)/shared/cross}
+cross=${GWSYNC_CROSS_DIR:-$here/cross}
 [ -x "$cross/cross-test.sh" ] || {
 	echo "cross-sizes: no $cross/cross-test.sh (set GWSYNC_CROSS_DIR)" >&2
 	exit 1

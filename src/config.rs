@@ -16,6 +16,7 @@
 //! | `--open`                 | `"open": true`           | false: a key is needed |
 //! | `--node-id HEX`          | `"node_id"`              | persisted, or random   |
 //! | `--log-level LEVEL`      | `"log_level"`            | daemon info, C warn    |
+//! | `--syslog`               | (daemon only)            | foreground: stderr     |
 //! | `--max-entries N`        | `"max_entries"`          | 100000 entries         |
 //! | `--max-store-bytes N`    | `"max_store_bytes"`      | 16777216 bytes         |
 //! | `--tombstone-lifetime-s N`| `"tombstone_lifetime_s"`| 604800 s (7 days)      |
@@ -128,6 +129,9 @@ pub struct Config {
     pub node_id: Option<NodeId>,
     pub log_level: log::LevelFilter,
     pub foreground: bool,
+    /// Log to syslog even in the foreground (the OpenWrt init script: procd
+    /// would log stderr at `err`).
+    pub syslog: bool,
     pub max_entries: u64,
     pub max_store_bytes: u64,
     pub tombstone_lifetime_s: u64,
@@ -154,6 +158,7 @@ impl Config {
                 Source::CJson => log::LevelFilter::Warn,
             },
             foreground: false,
+            syslog: false,
             max_entries: store.entries_max as u64,
             max_store_bytes: store.store_bytes_max as u64,
             tombstone_lifetime_s: store.tombstone_ttl_ms / 1000,
@@ -190,6 +195,7 @@ impl Config {
                 "--node-id" => config.node_id = Some(config.node_id(&value()?)?),
                 "--log-level" => config.log_level = config.log_level(&value()?)?,
                 "--foreground" | "-f" => config.foreground = true,
+                "--syslog" => config.syslog = true,
                 "--max-entries" => {
                     config.max_entries =
                         config.number("max_entries", &value()?, MAX_ENTRIES_RANGE, "entries")?

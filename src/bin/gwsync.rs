@@ -540,23 +540,12 @@ fn value_of(flag: &str, value: Option<String>) -> Result<String, Failure> {
 
 // ---------------------------------------------------------------- logging
 
-fn init_logging(level: log::LevelFilter, foreground: bool) {
-    log::set_max_level(level);
-    if !foreground {
-        let formatter = syslog::Formatter3164 {
-            facility: syslog::Facility::LOG_DAEMON,
-            hostname: None,
-            process: "gwsync".into(),
-            pid: std::process::id(),
-        };
-        match syslog::unix(formatter) {
-            Ok(logger) => {
-                if log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger))).is_ok() {
-                    return;
-                }
-            }
-            Err(error) => eprintln!("gwsync: syslog unavailable ({error}); logging to stderr"),
-        }
+/// In the foreground the log goes to stderr, unless `--syslog` asks for
+/// syslog (the init script does: procd would log stderr at `err`); in the
+/// background there is no terminal, so it goes to syslog.
+fn init_logging(level: log::LevelFilter, foreground: bool, syslog: bool) {
+    if (syslog || !foreground) && gwsync::logging::log_to_syslog(level) {
+        return;
     }
     gwsync::logging::log_to_stderr(level);
 }
@@ -573,7 +562,7 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         gwsync::config::ConfigErrorKind::Io => error(failure.message),
     };
     let options = gwsync::config::Config::from_daemon_args(args, socket).map_err(config_failure)?;
-    init_logging(options.log_level, options.foreground);
+    init_logging(options.log_level, options.foreground, options.syslog);
     let driver_config = options.driver_config().map_err(|failure| Failure {
         // A missing key is not a typo: say it without the whole usage.
         code: EXIT_USAGE,

@@ -160,12 +160,13 @@ fn prebuilt_rootfs(
             script.display(),
             log.display()
         );
+        let output = std::fs::File::create(&log).expect("create the build log");
         let status = Command::new("bash")
             .arg(&script)
             .env("OWRT", &cache)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(output.try_clone().expect("build log"))
+            .stderr(output)
             .status()
             .expect("run the OpenWrt userland build");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -286,6 +287,7 @@ impl Router {
              \toption log_size '256'\n",
         );
         std::fs::create_dir_all(router.root.join("tmp/lock")).unwrap();
+        router.repair_links();
         router.copy_missing_libraries(Path::new(super::BIN));
         Some(router)
     }
@@ -306,6 +308,26 @@ impl Router {
         let path = self.path(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, text).unwrap();
+    }
+
+    /// OpenWrt ships /sbin/ifdown as a symlink to ifup (which acts on its
+    /// name); the userland build copies some as a file holding the link's
+    /// target, which runs as a script calling `ifup` with no arguments.
+    fn repair_links(&self) {
+        for path in ["sbin/ifdown"] {
+            let file = self.root.join(path);
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let target = text.trim();
+            if !target.is_empty()
+                && !target.contains(char::is_whitespace)
+                && file.with_file_name(target).exists()
+            {
+                std::fs::remove_file(&file).unwrap();
+                std::os::unix::fs::symlink(target, &file).unwrap();
+            }
+        }
     }
 
     /// The shared libraries `binary` needs that the rootfs lacks (libgcc_s
@@ -385,7 +407,21 @@ impl Router {
         // package-pkg.mk: the package's own script is `<pkg>.postinst-pkg`,
         // sourced by default_postinst, which also enables and starts every
         // init script of the package on a live system.
-        for (script, default) in [("postinst", "default_postinst"), ("prerm", "default_prerm")] {
+        // The wrappers as package-pkg.mk writes them (24.10).
+        let wrappers = [
+            (
+                "postinst",
+                "#!/bin/sh\n[ \"${IPKG_NO_SCRIPT}\" = \"1\" ] && exit 0\n\
+                 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+                 . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_postinst $0 $@\n",
+            ),
+            (
+                "prerm",
+                "#!/bin/sh\n[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+                 . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_prerm $0 $@\n",
+            ),
+        ];
+        for (script, wrapper_text) in wrappers {
             let own = define_block(&makefile, &format!("Package/gwsync/{script}"));
             if !own.is_empty() {
                 std::fs::write(
@@ -395,15 +431,7 @@ impl Router {
                 .unwrap();
             }
             let wrapper = info.join(format!("gwsync.{script}"));
-            std::fs::write(
-                &wrapper,
-                format!(
-                    "#!/bin/sh\n[ \"${{IPKG_NO_SCRIPT}}\" = \"1\" ] && exit 0\n\
-                     [ -s ${{IPKG_INSTROOT}}/lib/functions.sh ] || exit 0\n\
-                     . ${{IPKG_INSTROOT}}/lib/functions.sh\n{default} $0 $@\n"
-                ),
-            )
-            .unwrap();
+            std::fs::write(&wrapper, wrapper_text).unwrap();
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
     }
@@ -418,15 +446,23 @@ impl Router {
 
     /// What an image build does with an installed package before its first
     /// boot: the postinst with IPKG_INSTROOT set (which enables the init
-    /// scripts), then, as /etc/init.d/boot on the first boot, the
-    /// uci-defaults scripts. Runs in a chroot of the rootfs.
+    /// scripts), then [`Router::run_uci_defaults`] as the first boot would.
     pub fn enable_installed(&self) {
-        let result = self.chroot(
-            "IPKG_INSTROOT=/ /usr/lib/opkg/info/gwsync.postinst && \
-             cd /etc/uci-defaults && for f in *; do [ -f \"$f\" ] || continue; \
-             ( . /lib/functions.sh; . \"./$f\" ) && rm -f \"$f\"; done; true",
-        );
+        let result = self.chroot("IPKG_INSTROOT=/ /usr/lib/opkg/info/gwsync.postinst");
         assert_eq!(result.code, 0, "postinst in the image: {result:?}");
+        self.run_uci_defaults();
+    }
+
+    /// What /etc/init.d/boot does on a first boot (which the namespace boot
+    /// replaces): runs each /etc/uci-defaults script and removes those that
+    /// succeed. Runs in a chroot of the rootfs, before [`Router::boot`].
+    pub fn run_uci_defaults(&self) {
+        let result = self.chroot(
+            "mkdir -p /tmp/.uci; cd /etc/uci-defaults 2> /dev/null || exit 0; for f in *; do \
+             [ -f \"$f\" ] || continue; ( . /lib/functions.sh; . \"./$f\" ) && rm -f \"$f\"; \
+             done; uci commit",
+        );
+        assert_eq!(result.code, 0, "uci-defaults: {result:?}");
     }
 
     /// Runs `script` with /bin/sh in a chroot of the (not booted) rootfs.
@@ -442,8 +478,10 @@ impl Router {
         cli_result(output)
     }
 
-    /// Boots the router: procd as PID 1 with `eth0` as `net` says. Enables
-    /// the log, network and system services first (an image has them on).
+    /// Boots the router: procd as PID 1 with `eth0` as `net` says. On the
+    /// first boot it enables the system, log, network and rpcd services (an
+    /// image has them on); enable others (uhttpd) with [`Router::chroot`]
+    /// before.
     pub fn boot(&mut self, net: Net) {
         assert!(
             self.pid.is_none(),
@@ -480,15 +518,36 @@ read -r go || exit 1
 ip link set eth0 multicast on
 exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
 "#;
-        let unshare = Command::new("unshare")
+        let console_file = std::fs::File::create(&console).unwrap();
+        let mut command = Command::new("unshare");
+        // --kill-child: procd dies with unshare, and unshare with the test
+        // (PR_SET_PDEATHSIG), so a killed test run leaves no router behind.
+        command
             .args([
-                "--fork", "--pid", "--mount", "--net", "--uts", "--ipc", "/bin/sh", "-c", init,
+                "--fork",
+                "--kill-child",
+                "--pid",
+                "--mount",
+                "--net",
+                "--uts",
+                "--ipc",
+                "/bin/sh",
+                "-c",
+                init,
                 "sh",
             ])
-            .arg(&self.root)
+            .arg(&self.root);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let unshare = command
             .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&console).unwrap())
-            .stderr(std::fs::File::create(&console).unwrap())
+            .stdout(console_file.try_clone().unwrap())
+            .stderr(console_file)
             .spawn()
             .expect("unshare");
         let unshare_pid = unshare.id();
@@ -551,6 +610,9 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
             Duration::from_secs(10),
             || std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == root),
         );
+        // The end of /etc/init.d/boot: reload_config remembers the configs'
+        // checksums, so that a later reload_config sees what changed.
+        self.sh_ok("/sbin/reload_config");
     }
 
     fn write_network_config(&self) {
@@ -607,6 +669,16 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
         result.stdout
     }
 
+    /// Runs the host's `ip ARGS` in the router's network namespace (the
+    /// router's busybox ip cannot create veth pairs), failing the test
+    /// unless it succeeds.
+    pub fn ip(&self, args: &[&str]) {
+        let pid = self.pid().to_string();
+        let mut full = vec!["-t", &pid, "-n", "ip"];
+        full.extend_from_slice(args);
+        run_ok("nsenter", &full);
+    }
+
     /// Waits until netifd reports the uci network `lan` up.
     pub fn wait_lan_up(&self) {
         self.wait_for(
@@ -661,7 +733,23 @@ exec env -i container=openwrt-rt /usr/sbin/chroot "$R" /sbin/procd </dev/null
         }
     }
 
-    /// Halts and boots again with the same rootfs and network.
+    /// `reboot` on the router: procd stops every service (their K scripts,
+    /// SIGTERM) and ends the namespace; then it boots again with the same
+    /// rootfs and network.
+    pub fn reboot_clean(&mut self) {
+        self.sh_ok("reboot");
+        let unshare = self.unshare.as_mut().expect("running");
+        wait_until(
+            &format!("{} shuts down", self.name),
+            Duration::from_secs(60),
+            || unshare.try_wait().is_ok_and(|status| status.is_some()),
+        );
+        self.halt();
+        let net = self.net.clone();
+        self.boot(net);
+    }
+
+    /// Halts (power cut) and boots again with the same rootfs and network.
     pub fn reboot(&mut self) {
         self.halt();
         let net = self.net.clone();
