@@ -288,8 +288,7 @@ fn netifd_address_change_reaches_the_running_daemon_through_hotplug() {
         return;
     };
     let pid = daemon_pid(&router);
-    let opens =
-        "gwsync --socket /var/run/gwsync.sock status --json | jsonfilter -e '@.counters.socket_opens'";
+    let opens = "gwsync --socket /var/run/gwsync.sock status --json | jsonfilter -e '@.counters.socket_opens'";
     let before: u64 = router.sh_ok(opens).trim().parse().expect("socket_opens");
     // A new address on lan: netifd restarts the interface (down, up within
     // procd's trigger delay, so the daemon keeps running) and sends ifup
