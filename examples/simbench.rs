@@ -8,10 +8,12 @@
 //!     cargo run --release --example simbench -- --snapshot  # the plan tests/sim.rs checks
 //!     ... --join-keys 0 --partition-writes 0    # update figures only
 //!     ... --gwsync-only                          # while tuning
+//!     cargo run --release --example simbench -- --attacks  # attack rows only
 
 use std::time::Instant;
 
 use gwsync::sim::bench::{self, Plan, System, TABLE_HEADER};
+use gwsync::sim::byzantine;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -53,6 +55,10 @@ fn main() {
         plan.systems = vec![System::Gwsync];
     }
     let started = Instant::now();
+    if args.iter().any(|a| a == "--attacks") {
+        attack_rows();
+        return;
+    }
     if !json {
         println!("{TABLE_HEADER}");
     }
@@ -63,5 +69,42 @@ fn main() {
             println!("{}", row.table_line());
         }
     });
+    if !json {
+        attack_rows();
+    }
     eprintln!("simbench: {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// Hostile peers, kept apart from the table above: what one forged
+/// datagram of each type makes a settled group of four (1,000 entries)
+/// send within 10 s, beyond what it sends anyway; and how far a forger
+/// running for 10 minutes moves the honest clocks.
+fn attack_rows() {
+    let group = || byzantine::settled_group(11, 4, 1_000);
+    println!();
+    println!(
+        "| attack (one datagram, N = 4, 1,000 entries) | bytes in | bytes out | datagrams out | factor |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut attacks = byzantine::forged_datagrams(&group());
+    attacks.push((
+        "bucket digests, empty store (join)",
+        byzantine::empty_store_digests(),
+    ));
+    for (name, datagram) in attacks {
+        let answer = byzantine::answer_to(group, |_| datagram.clone(), 10_000);
+        println!(
+            "| {name} | {} | {} | {} | {:.1}x |",
+            answer.bytes_in,
+            answer.bytes_out,
+            answer.datagrams_out,
+            answer.factor()
+        );
+    }
+    let drift = byzantine::clock_drift_under_attack(11, 10 * 60_000);
+    println!();
+    println!(
+        "clock drift after a 10-minute forger attack (largest honest clock ahead of its wall clock): {drift} ms (bound {} ms)",
+        gwsync::engine::Config::default().clock_ahead_max_ms
+    );
 }

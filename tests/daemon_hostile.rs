@@ -244,3 +244,165 @@ fn hostile_datagrams_are_dropped_and_counted_and_the_group_keeps_syncing() {
         b.get("scene/morning").as_deref() == Some("1")
     });
 }
+
+/// Bytes the daemons sent (datagrams not from `forger`) while `duration`
+/// passes.
+fn group_bytes(socket: &UdpSocket, forger: u64, duration: Duration) -> (u64, usize) {
+    let sent: Vec<Vec<u8>> = capture(socket, duration)
+        .into_iter()
+        .filter(|datagram| datagram.len() < 16 || datagram[8..16] != forger.to_be_bytes())
+        .collect();
+    (sent.iter().map(|d| d.len() as u64).sum(), sent.len())
+}
+
+/// The hostile-peers cases against live daemons, forged by an insider who
+/// holds the group key (the strongest attacker a keyed group has): the
+/// poison version then a local write of that key, a summary 8 days ahead,
+/// a replay after a restart, and one spoofed bucket-digests datagram
+/// against a 1,000-entry store, whose amplification is printed.
+#[test]
+fn lying_insiders_cannot_poison_keys_push_clocks_replay_deletes_or_draw_floods() {
+    let dir = TempDir::new("liars");
+    let key_file = dir.path().join("group.key");
+    std::fs::write(&key_file, gwsync(&["genkey"]).stdout).unwrap();
+    let key: GroupKey = std::fs::read_to_string(&key_file).unwrap().parse().unwrap();
+    let insider = Keyring::new(&key);
+    let port = unique_port();
+    let port_text = port.to_string();
+    let args = [
+        "--interface",
+        "lo",
+        "--port",
+        &port_text,
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ];
+    let mut a = Daemon::start(dir.path(), "a", None, &args);
+    let b = Daemon::start(dir.path(), "b", None, &args);
+    let raw = raw_socket(port);
+    let forger = 0xf0f0_u64;
+    let mut seq = 0;
+    let mut forge = |message: &Message| {
+        seq += 1;
+        sealed(
+            &insider,
+            header(message.message_type(), forger, seq),
+            message,
+        )
+    };
+
+    // 1. The poison datagram: key p at the largest version, then a local
+    //    write of p on the gateway that heard it.
+    let poison = Message::Entries(Entries {
+        repair: None,
+        entries: vec![WireEntry {
+            key: "p".into(),
+            version: Version {
+                hlc: Hlc(u64::MAX),
+                origin: NodeId(0xbad),
+            },
+            value: Some(b"\"poison\"".to_vec()),
+        }],
+    });
+    send(&raw, port, &forge(&poison));
+    wait_until("the poison is refused", SYNC_TIMEOUT, || {
+        dropped(&a, "version_ahead") > 0
+    });
+    assert_eq!(a.get("p"), None);
+    a.set("p", "\"mine\"");
+    assert_eq!(a.get("p").as_deref(), Some("\"mine\""));
+    wait_until("b has p", SYNC_TIMEOUT, || {
+        b.get("p").as_deref() == Some("\"mine\"")
+    });
+
+    // 2. A summary 8 days ahead moves no clock.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ahead = Message::Summary(wire::Summary {
+        digest: 0xbad,
+        entries: 1,
+        clock: Hlc::new(now_ms + 8 * 86_400_000, 0),
+    });
+    send(&raw, port, &forge(&ahead));
+    wait_until("the summary is refused", SYNC_TIMEOUT, || {
+        dropped(&a, "clock_ahead") > 0
+    });
+    for daemon in [&a, &b] {
+        let clock = Hlc(daemon.status()["clock"].as_u64().unwrap());
+        assert!(
+            clock.physical_ms() < now_ms + 10 * 60_000,
+            "clock moved to {} ms ahead",
+            clock.physical_ms() - now_ms
+        );
+    }
+
+    // 3. A replay after a restart: b's write of door/code, captured, then
+    //    deleted, then a restarts and hears the capture again.
+    b.set("door/code", "1234");
+    let traffic = capture(&raw, Duration::from_millis(1_000));
+    wait_until("a has door/code", SYNC_TIMEOUT, || {
+        a.get("door/code").is_some()
+    });
+    b.cli(&["del", "door/code"]);
+    wait_until("a deleted door/code", SYNC_TIMEOUT, || {
+        a.get("door/code").is_none()
+    });
+    let a_id = a.status()["node_id"].as_str().unwrap().to_owned();
+    a.terminate();
+    a.restart();
+    for datagram in &traffic {
+        send(&raw, port, datagram);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    b.set("after/replay", "1");
+    wait_until("a hears b after the replay", SYNC_TIMEOUT, || {
+        a.get("after/replay").is_some()
+    });
+    assert_eq!(a.get("door/code"), None, "a replay brought back a delete");
+    assert_eq!(a.status()["node_id"].as_str().unwrap(), a_id);
+
+    // 4. One spoofed bucket-digests datagram against 1,000 entries.
+    for i in 0..1_000 {
+        a.set(&format!("device/{i:04}"), r#"{"on":true,"level":42}"#);
+    }
+    wait_until("b holds 1,000 devices", Duration::from_secs(60), || {
+        b.get("device/0999").is_some()
+    });
+    let (quiet_bytes, _) = group_bytes(&raw, forger, Duration::from_millis(1_000));
+    let mut amplification = Vec::new();
+    for (name, message) in [
+        (
+            "summary, other digest",
+            Message::Summary(wire::Summary {
+                digest: 0xbad,
+                entries: 1,
+                clock: Hlc::new(now_ms, 0),
+            }),
+        ),
+        (
+            "bucket digests, empty store (join)",
+            Message::BucketDigests(wire::BucketDigests {
+                digest: 0xbad,
+                first: 0,
+                end: 256,
+                buckets: Vec::new(),
+            }),
+        ),
+    ] {
+        let datagram = forge(&message);
+        send(&raw, port, &datagram);
+        let (bytes, datagrams) = group_bytes(&raw, forger, Duration::from_millis(1_000));
+        let answer = bytes.saturating_sub(quiet_bytes);
+        let factor = answer as f64 / datagram.len() as f64;
+        eprintln!(
+            "{name}: {} B in, {answer} B / {datagrams} datagrams out, {factor:.1}x",
+            datagram.len()
+        );
+        amplification.push((name, factor));
+    }
+    assert!(amplification[0].1 <= 50.0, "{amplification:?}");
+    let store_bytes = a.status()["store_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("store: {store_bytes} bytes");
+}

@@ -45,6 +45,11 @@
 //!   stored version when that is larger), which is the order
 //!   last-writer-wins needs; order across different keys is what is given up,
 //!   and only after a clock jump the paper does not allow either.
+//!   Entries it took while ahead that now lie beyond the bound are
+//!   forgotten by the engine (its own among them: written again at their
+//!   old value they could beat later writes of others), and a local write
+//!   replaces such an entry rather than following it, so it does not stay
+//!   split from the group until real time reaches them.
 //!
 //! Tombstone lifetimes are measured against the physical clock, not this
 //! clock, so no peer can make tombstones expire early (store.rs).

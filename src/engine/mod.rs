@@ -302,7 +302,6 @@ pub struct Counters {
     /// others' are forgotten (the group refuses them too), ours written
     /// again with a version from the corrected clock.
     pub future_entries_forgotten: u64,
-    pub future_writes_restamped: u64,
     pub dropped: BTreeMap<DropReason, u64>,
 }
 
@@ -616,6 +615,17 @@ impl Engine {
         self.store.check(key, value)?;
         self.set_wall_clock(now, wall_ms);
         let ticked = self.clock.tick(wall_ms, self.config.clock_ahead_max_ms);
+        // A stored version beyond the bound (taken while our own clock ran
+        // ahead) is one the group refuses: a write replaces it rather than
+        // following it, or the write would be refused too.
+        if self
+            .store
+            .get(key)
+            .is_some_and(|stored| stored.version.hlc > self.remote_limit())
+        {
+            self.store.forget(key);
+            self.counters.future_entries_forgotten += 1;
+        }
         // Per key, a write must be newer than what is stored, whatever the
         // clock says (see clock.rs); the largest version has no successor.
         let floor = match self.store.get(key) {
@@ -789,8 +799,8 @@ impl Engine {
     /// After our own clock was set back (it ran ahead), entries stored
     /// while it was ahead can lie beyond the bound: every other gateway
     /// refuses them, so keeping them would split us from the group until
-    /// real time reaches them. Ours are written again now (the write is
-    /// kept, with a version the group takes); others' are forgotten, and
+    /// real time reaches them. They are forgotten (ours too: written again
+    /// at the old version, a write would beat later writes of others), and
     /// repair brings back what the group holds for those keys.
     fn recheck_clock_bound(&mut self, now: u64) {
         let limit = self.remote_limit();
@@ -803,22 +813,16 @@ impl Engine {
         if beyond.is_empty() {
             return;
         }
-        let wall_ms = self.physical_ms(now);
-        for (key, Entry { version, value }) in beyond {
+        let _ = now;
+        for (key, Entry { version, .. }) in beyond {
             self.store.forget(&key);
             self.state_generation += 1;
-            if version.origin == self.node_id {
-                self.counters.future_writes_restamped += 1;
-                // Cannot fail: the key was just forgotten, its size fitted.
-                let _ = self.write(now, wall_ms, &key, value.as_deref());
-            } else {
-                self.counters.future_entries_forgotten += 1;
-                self.events.push_back(Event::Changed {
-                    key,
-                    value: None,
-                    origin: version.origin,
-                });
-            }
+            self.counters.future_entries_forgotten += 1;
+            self.events.push_back(Event::Changed {
+                key,
+                value: None,
+                origin: version.origin,
+            });
         }
     }
 

@@ -15,10 +15,10 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use crate::engine::SeededRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Gateway, Persisted, Sim};
+use crate::engine::SeededRng;
 use crate::engine::store::BUCKETS;
 use crate::proto::{BucketSummary, Hlc, NodeId, Version};
 use crate::wire::{
@@ -158,10 +158,17 @@ impl Forger {
                 self.counts.future_entries += 1;
             }
             2 => {
+                // Days ahead, or just inside the bound (which moves clocks
+                // as far as a peer may).
+                let clock = if self.rng.random_bool(0.5) {
+                    days_ahead
+                } else {
+                    Hlc::new(wall + 299_000, 0)
+                };
                 let message = Message::Summary(Summary {
                     digest: self.rng.random(),
                     entries: 1,
-                    clock: days_ahead,
+                    clock,
                 });
                 self.send(&message);
                 self.counts.future_clocks += 1;
@@ -455,4 +462,53 @@ pub fn empty_store_digests() -> Vec<u8> {
             buckets: Vec::new(),
         }),
     )
+}
+
+/// `n` gateways holding `entries` entries written across them, settled
+/// (deterministic for a seed): the group the amplification figures use.
+pub fn settled_group(seed: u64, n: usize, entries: usize) -> Sim {
+    let mut sim = Sim::new(
+        seed,
+        n,
+        super::Medium::default(),
+        super::engine_factory(crate::engine::Config::default()),
+    );
+    for i in 0..entries {
+        sim.write(
+            i % n,
+            &format!("device/{i:04}"),
+            Some(b"{\"on\":true,\"level\":42}"),
+        );
+    }
+    let settled = sim.run_until_condition(30 * 60_000, Sim::settled);
+    assert!(settled.is_some(), "seed {seed}: the group did not settle");
+    sim
+}
+
+/// Runs a [`Forger`] against four honest gateways (one of them writing)
+/// for `attack_ms`; returns the largest distance, in ms, any honest
+/// gateway's clock got ahead of its own wall clock.
+pub fn clock_drift_under_attack(seed: u64, attack_ms: u64) -> i64 {
+    let mut sim = settled_group(seed, 4, 100);
+    let start = sim.now();
+    let forger = Forger::new(
+        seed,
+        start,
+        50,
+        start + attack_ms,
+        vec!["device/0001".into()],
+    );
+    sim.add_gateway(Box::new(forger));
+    let mut drift = i64::MIN;
+    while sim.now() < start + attack_ms {
+        sim.write(0, "device/0002", Some(b"1"));
+        sim.run_for(5_000);
+        for node in 0..4 {
+            if let Some(engine) = sim.gateway(node).and_then(|gateway| gateway.engine()) {
+                let clock = engine.clock_high_water().physical_ms() as i64;
+                drift = drift.max(clock - sim.wall_ms(node) as i64);
+            }
+        }
+    }
+    drift
 }
