@@ -32,7 +32,7 @@
 /**
  * An argument is wrong: a NULL pointer, text that is not UTF-8, a value or
  * configuration that is not valid JSON, an unknown configuration key or
- * trigger reason, an empty key.
+ * trigger reason, an empty key or one holding a control character.
  */
 #define GWSYNC_ERR_INVALID -2
 

@@ -16,6 +16,7 @@
 //! | `--open`                 | `"open": true`           | false: a key is needed |
 //! | `--node-id HEX`          | `"node_id"`              | persisted, or random   |
 //! | `--log-level LEVEL`      | `"log_level"`            | daemon info, C warn    |
+//! | `--syslog`               | (daemon only)            | foreground: stderr     |
 //! | `--max-entries N`        | `"max_entries"`          | 100000 entries         |
 //! | `--max-store-bytes N`    | `"max_store_bytes"`      | 16777216 bytes         |
 //! | `--tombstone-lifetime-s N`| `"tombstone_lifetime_s"`| 604800 s (7 days)      |

@@ -12,6 +12,8 @@
 //! {"op":"dump"}                         {"ok":true,"data":{"home/1":<JSON>,...}}
 //! {"op":"status"}                       {"ok":true,"status":{...}}
 //! {"op":"trigger","reason":"network-up"} {"ok":true}
+//! {"op":"load","entries":[{"k":"home/1","v":<JSON>},...]}
+//!     {"ok":true,"applied":N,"unchanged":N,"kept_newer":N,"rejected":N,"errors":["..."]}
 //! {"op":"reload"}                       {"ok":true,"keys":<1 or 2>}
 //! {"op":"watch"}                        {"ok":true} then one line per change:
 //!     {"key":"home/1","value":<JSON>,"origin":"<node id>"}
@@ -626,8 +628,8 @@ fn error_reply(code: ErrorCode, message: &str) -> String {
     .unwrap_or_default()
 }
 
-fn write_error(error: SetError) -> (ErrorCode, String) {
-    (ErrorCode::from(&error), error.to_string())
+fn write_error(driver: &Driver, key: &str, value: &str, error: SetError) -> (ErrorCode, String) {
+    (ErrorCode::from(&error), driver.explain(key, value, &error))
 }
 
 /// The fields of one request, each named once, values as raw JSON text.
@@ -692,6 +694,10 @@ pub enum Request {
     Status,
     Trigger(TriggerReason),
     Watch,
+    /// `entries` is the request's JSON array text, unparsed.
+    Load {
+        entries: String,
+    },
     /// Read the key file again.
     Reload,
 }
@@ -739,6 +745,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
             ))?)
         }
         "watch" => Request::Watch,
+        "load" => Request::Load {
+            entries: fields
+                .0
+                .get("entries")
+                .ok_or((ErrorCode::BadRequest, "missing \"entries\"".to_owned()))?
+                .get()
+                .to_owned(),
+        },
         "reload" => Request::Reload,
         other => return Err((ErrorCode::BadRequest, format!("unknown op: {other}"))),
     })
@@ -751,31 +765,25 @@ fn handle_request(
 ) -> Result<Answer, (ErrorCode, String)> {
     let reply = match parse_request(line)? {
         Request::Get { key } => {
-            let value = driver
-                .engine()
-                .get(&key)
-                .ok_or((ErrorCode::NotFound, format!("key not found: {key}")))?;
+            let value = driver.engine().get(&key).ok_or_else(|| {
+                (
+                    ErrorCode::NotFound,
+                    format!("key not found: {}", crate::engine::shown_key(&key)),
+                )
+            })?;
             ok_reply(OkReply {
                 value: Some(StoredValue::of(value)),
                 ..OkReply::default()
             })
         }
         Request::Set { key, value } => {
-            driver.set(&key, &value).map_err(|failure| match failure {
-                SetError::Write(WriteError::ValueTooLarge) => (
-                    ErrorCode::TooLarge,
-                    format!(
-                        "value is too large: {} bytes, the limit is {} bytes",
-                        value.len(),
-                        driver.engine().config().store.value_bytes_max
-                    ),
-                ),
-                other => write_error(other),
-            })?;
+            let result = driver.set(&key, &value);
+            result.map_err(|failure| write_error(driver, &key, &value, failure))?;
             ok_reply(OkReply::default())
         }
         Request::Del { key } => {
-            driver.delete(&key).map_err(write_error)?;
+            let result = driver.delete(&key);
+            result.map_err(|failure| write_error(driver, &key, "", failure))?;
             ok_reply(OkReply::default())
         }
         Request::List { prefix } => ok_reply(OkReply {
@@ -799,6 +807,20 @@ fn handle_request(
             ok_reply(OkReply::default())
         }
         Request::Watch => return Ok(Answer::Watch),
+        Request::Load { entries } => {
+            let entries = crate::persist::parse_load_entries(&entries)
+                .map_err(|message| (ErrorCode::BadRequest, format!("\"entries\": {message}")))?;
+            let report = driver.load(entries);
+            serde_json::json!({
+                "ok": true,
+                "applied": report.applied,
+                "unchanged": report.unchanged,
+                "kept_newer": report.kept_newer,
+                "rejected": report.rejected,
+                "errors": report.errors,
+            })
+            .to_string()
+        }
         Request::Reload => {
             let count = driver
                 .reload_keys()
@@ -932,8 +954,25 @@ mod tests {
                 prefix: String::new()
             })
         );
+        assert_eq!(
+            parse_request(br#"{"op":"load","entries":[{"k":"a","v":1}]}"#),
+            Ok(Request::Load {
+                entries: r#"[{"k":"a","v":1}]"#.to_owned()
+            })
+        );
+        let half_versioned = r#"[{"k":"a","t":5,"v":1}]"#;
+        assert!(crate::persist::parse_load_entries(half_versioned).is_err());
+        let both = crate::persist::parse_load_entries(
+            r#"[{"k":"a","v":{"x":1}},{"k":"b","t":5,"o":"00000000000000aa","d":1}]"#,
+        )
+        .unwrap();
+        assert_eq!(both[0].1, None);
+        assert_eq!(both[0].2.as_deref(), Some(&b"{\"x\":1}"[..]));
+        assert_eq!(both[1].1.map(|version| version.hlc.0), Some(5));
+        assert_eq!(both[1].2, None);
         for bad in [
             &b"[1]"[..],
+            b"{\"op\":\"load\"}",
             b"{\"op\":7}",
             b"{\"op\":\"get\"}",
             b"{\"op\":\"explode\"}",

@@ -54,6 +54,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::crypto::{self, CryptoError, GroupKey};
+use crate::engine::store::Merged;
 use crate::engine::{self, DropReason, Engine, Event, NodeId, TriggerReason, WriteError};
 use crate::net::{self, GroupSocket, LinkWatch, Received};
 use crate::persist::{self, Debounce, Loaded, StateDir};
@@ -180,6 +181,24 @@ impl fmt::Display for SetError {
 }
 
 impl std::error::Error for SetError {}
+
+/// How many refused entries a load report spells out.
+pub const LOAD_ERRORS_SHOWN: usize = 5;
+
+/// What `Driver::load` did with each entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Newer than what was held (or unknown here): now stored.
+    pub applied: usize,
+    /// Already held exactly so.
+    pub unchanged: usize,
+    /// This gateway holds a newer entry (or, for an entry without a
+    /// version, any entry) for the key: not overwritten.
+    pub kept_newer: usize,
+    /// Refused by a limit; the first few reasons are in `errors`.
+    pub rejected: usize,
+    pub errors: Vec<String>,
+}
 
 /// An entry changed, by a local write or from the network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -630,8 +649,16 @@ impl Driver {
                 "the keys were not given in a key file: nothing to reload".to_owned()
             });
         };
-        let keys = match read_key_file(&path) {
-            Ok(keys) => keys,
+        // crypto's loader, not config's: config builds on the driver.
+        let loaded = crypto::load_key_file(&path)
+            .map_err(|error| format!("key file {}: {error}", path.display()));
+        let keys = match loaded {
+            Ok((keys, warning)) => {
+                if let Some(warning) = warning {
+                    log::warn!("key file {}: {warning}", path.display());
+                }
+                keys
+            }
             Err(error) => {
                 self.counters.key_reload_errors += 1;
                 let message = format!(
@@ -980,6 +1007,85 @@ impl Driver {
             .map_err(SetError::Write)?;
         self.drain_events();
         self.persisted()
+    }
+
+    /// Restores entries (from `gwsync load`) by the merge rule. An entry
+    /// with a version (from a state file) is merged like one heard from
+    /// the group: it applies only when newer than what is held. One without
+    /// (from a plain dump) carries no time, so it never overwrites a key
+    /// this gateway holds or deleted; it is only written where the key is
+    /// unknown here.
+    pub fn load(&mut self, entries: Vec<persist::Loadable>) -> LoadReport {
+        let mut report = LoadReport::default();
+        let now = self.now();
+        for (key, version, value) in entries {
+            let held = self.engine.store().get(&key).map(|held| held.to_owned());
+            // A tombstone for a key unknown here changes nothing either.
+            let same = match &held {
+                Some(held) => held.value == value,
+                None => value.is_none(),
+            };
+            let outcome = match (version, held) {
+                (Some(version), _) => {
+                    match self
+                        .engine
+                        .load_entry(now, key.clone(), version, value.clone())
+                    {
+                        Merged::Applied => Ok(true),
+                        Merged::Stale => Ok(false),
+                        Merged::Rejected(rejected) => Err(SetError::Write(rejected.into())),
+                    }
+                }
+                (None, Some(_)) => Ok(false),
+                (None, None) => match &value {
+                    None => Ok(false),
+                    Some(bytes) => {
+                        let text = String::from_utf8_lossy(bytes).into_owned();
+                        match self.set(&key, &text) {
+                            // Applied; the state file's trouble is in `status`.
+                            Ok(()) | Err(SetError::NotPersisted(_)) => Ok(true),
+                            Err(failure) => Err(failure),
+                        }
+                    }
+                },
+            };
+            match outcome {
+                Ok(true) => report.applied += 1,
+                Ok(false) if same => report.unchanged += 1,
+                Ok(false) => report.kept_newer += 1,
+                Err(error) => {
+                    report.rejected += 1;
+                    if report.errors.len() < LOAD_ERRORS_SHOWN {
+                        let value_text = value
+                            .as_deref()
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default();
+                        report.errors.push(self.explain(&key, &value_text, &error));
+                    }
+                }
+            }
+            self.drain_events();
+        }
+        self.flush_transmits();
+        report
+    }
+
+    /// A refused `set` or `delete` for a person: names the key and the
+    /// limit it hit. `value_json` is the value given to `set` ("" for a
+    /// delete).
+    pub fn explain(&self, key: &str, value_json: &str, error: &SetError) -> String {
+        match error {
+            SetError::InvalidJson(message) => format!(
+                "value for key {} is not valid JSON: {message}",
+                crate::engine::shown_key(key)
+            ),
+            SetError::Write(write) => {
+                write.explain(key, value_json.len(), &self.engine.config().store)
+            }
+            SetError::NotPersisted(_) => {
+                format!("key {}: {error}", crate::engine::shown_key(key))
+            }
+        }
     }
 
     /// The value of a key as JSON text.

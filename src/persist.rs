@@ -24,15 +24,17 @@
 //!
 //! Values are JSON already and are written as they are, so the file stays
 //! readable. A value that came from the network is opaque to the engine
-//! and may not be JSON; writing it raw would make the whole file unreadable,
-//! so such a value is kept as hex bytes (`b`) instead.
+//! and may not be JSON, or be JSON with surrounding whitespace that a JSON
+//! reader would drop (changing the digest the gateways agree on); such a
+//! value is kept as hex bytes (`b`) instead, byte for byte. The file and
+//! the node id are written mode 0600 whatever the umask.
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::engine::clock::{Hlc, Version};
@@ -236,50 +238,68 @@ pub fn check_dir_not_writable_by_others(dir: &Path, sticky_ok: bool) -> Result<(
     Ok(())
 }
 
+/// The file's head; the entries follow one per line, so a state file stays
+/// readable (and diffable) by a person.
+#[derive(Serialize)]
+struct StateHead {
+    format: u32,
+    node_id: String,
+    clock: u64,
+}
+
+/// One entry as written; the shape [`StateEntry`] reads back.
+#[derive(Serialize)]
+struct StateEntryOut<'a> {
+    k: &'a str,
+    t: u64,
+    o: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    d: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    b: Option<String>,
+}
+
 fn write_state(out: &mut impl Write, engine: &Engine) -> io::Result<()> {
-    write!(
-        out,
-        "{{\"format\":{FORMAT},\"node_id\":\"{}\",\"clock\":{},\"entries\":[",
-        engine.node_id(),
-        engine.clock_high_water().0
-    )?;
+    let head = serde_json::to_string(&StateHead {
+        format: FORMAT,
+        node_id: engine.node_id().to_string(),
+        clock: engine.clock_high_water().0,
+    })?;
+    // `{"format":1,...,"clock":N}` opened up to take the entries array.
+    out.write_all(&head.as_bytes()[..head.len() - 1])?;
+    out.write_all(b",\"entries\":[")?;
     write_entries(out, engine.store())?;
     out.write_all(b"\n]}\n")
 }
 
 fn write_entries(out: &mut impl Write, store: &Store) -> io::Result<()> {
     for (index, (key, entry)) in store.iter().enumerate() {
-        out.write_all(if index == 0 {
-            b"\n{\"k\":"
-        } else {
-            b",\n{\"k\":"
-        })?;
-        serde_json::to_writer(&mut *out, key)?;
-        write!(
-            out,
-            ",\"t\":{},\"o\":\"{}\"",
-            entry.version.hlc.0, entry.version.origin
-        )?;
-        match entry.value {
-            None => out.write_all(b",\"d\":1}")?,
-            Some(value) if is_json(value) => {
-                out.write_all(b",\"v\":")?;
-                out.write_all(value)?;
-                out.write_all(b"}")?;
-            }
-            Some(value) => {
-                out.write_all(b",\"b\":\"")?;
-                out.write_all(crate::hex::encode(value).as_bytes())?;
-                out.write_all(b"\"}")?;
-            }
-        }
+        out.write_all(if index == 0 { b"\n" } else { b",\n" })?;
+        // Written as JSON only when reading it back gives the same bytes: a
+        // peer's value with surrounding whitespace would lose it, and with
+        // it the digest the other gateways agree on.
+        let json = entry.value.and_then(|value| {
+            serde_json::from_slice::<&RawValue>(value)
+                .ok()
+                .filter(|raw| raw.get().as_bytes() == value)
+        });
+        let line = StateEntryOut {
+            k: key,
+            t: entry.version.hlc.0,
+            o: entry.version.origin.to_string(),
+            v: json,
+            d: entry.value.is_none().then_some(1),
+            // Not JSON as is (only a misbehaving peer sends that): hex.
+            b: match (entry.value, json) {
+                (Some(value), None) => Some(crate::hex::encode(value)),
+                _ => None,
+            },
+        };
+        serde_json::to_writer(&mut *out, &line)?;
     }
     Ok(())
-}
-
-/// Whether bytes are one JSON value, checked without building it.
-pub fn is_json(bytes: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
 }
 
 #[derive(Deserialize)]
@@ -314,18 +334,7 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
             .o
             .parse::<NodeId>()
             .map_err(|_| format!("bad origin {:?} for key {:?}", entry.o, entry.k))?;
-        let value: Option<Box<[u8]>> = if entry.d != 0 {
-            None
-        } else if let Some(hex) = entry.b {
-            Some(
-                crate::hex::decode(hex)
-                    .ok_or_else(|| format!("bad hex value for key {:?}", entry.k))?
-                    .into(),
-            )
-        } else {
-            // `"v":null` deserialises as no value; it was a JSON null.
-            Some(entry.v.map_or("null", RawValue::get).as_bytes().into())
-        };
+        let value = entry_value(&entry.k, entry.v, entry.d, entry.b)?;
         let version = Version {
             hlc: Hlc(entry.t),
             origin,
@@ -333,6 +342,69 @@ fn parse_state(bytes: &[u8]) -> Result<(Hlc, Vec<(String, Entry)>), String> {
         entries.push((entry.k, Entry { version, value }));
     }
     Ok((Hlc(file.clock), entries))
+}
+
+fn entry_value(
+    key: &str,
+    v: Option<&RawValue>,
+    d: u8,
+    b: Option<&str>,
+) -> Result<Option<Box<[u8]>>, String> {
+    Ok(if d != 0 {
+        None
+    } else if let Some(hex) = b {
+        Some(
+            crate::hex::decode(hex)
+                .ok_or_else(|| format!("bad hex value for key {key:?}"))?
+                .into(),
+        )
+    } else {
+        // `"v":null` deserialises as no value; it was a JSON null.
+        Some(v.map_or("null", RawValue::get).as_bytes().into())
+    })
+}
+
+/// One entry of a `load` request: a state file's entry, whose version
+/// (`t` and `o`) may be missing when it came from a plain `dump`.
+#[derive(Deserialize)]
+struct LoadEntry<'a> {
+    k: String,
+    #[serde(default)]
+    t: Option<u64>,
+    #[serde(default)]
+    o: Option<&'a str>,
+    #[serde(default, borrow)]
+    v: Option<&'a RawValue>,
+    #[serde(default)]
+    d: u8,
+    #[serde(default)]
+    b: Option<&'a str>,
+}
+
+/// An entry to load: key, version if known, value (`None`: a tombstone).
+pub type Loadable = (String, Option<Version>, Option<Box<[u8]>>);
+
+/// Parses the entries of a `load` request (a JSON array in the state
+/// file's entry format; `t` and `o` optional).
+pub fn parse_load_entries(json: &str) -> Result<Vec<Loadable>, String> {
+    let entries: Vec<LoadEntry> = serde_json::from_str(json).map_err(|error| error.to_string())?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            let version = match (entry.t, entry.o) {
+                (Some(t), Some(o)) => Some(Version {
+                    hlc: Hlc(t),
+                    origin: o
+                        .parse::<NodeId>()
+                        .map_err(|_| format!("bad origin {o:?} for key {:?}", entry.k))?,
+                }),
+                (None, None) => None,
+                _ => return Err(format!("key {:?}: \"t\" and \"o\" go together", entry.k)),
+            };
+            let value = entry_value(&entry.k, entry.v, entry.d, entry.b)?;
+            Ok((entry.k, version, value))
+        })
+        .collect()
 }
 
 /// When to write: at most once per `interval_ms` while changes keep coming.
@@ -399,7 +471,10 @@ mod tests {
         engine.set(0, 1_002, "gone", b"1").unwrap();
         engine.delete(0, 1_003, "gone").unwrap();
         engine.set(0, 1_004, "raw", b"\xff not json \"").unwrap();
-        engine.set(0, 1_005, "we\"ird\nkey", b"[1, 2]").unwrap();
+        // Quotes and backslashes need escaping in the file (control
+        // characters are refused in keys).
+        engine.set(0, 1_005, "we\"ird\\key", b"[1, 2]").unwrap();
+        engine.set(0, 1_006, "spaced", b" 1 ").unwrap();
         state.save(&engine).unwrap();
         let Loaded::State { clock, entries } = state.load() else {
             panic!("state did not load");
@@ -412,6 +487,8 @@ mod tests {
         assert_eq!(restored.get("gone"), None);
         assert!(restored.store().get("gone").unwrap().is_tombstone());
         assert_eq!(restored.get("raw"), Some(&b"\xff not json \""[..]));
+        // A peer's value is kept byte for byte, whitespace included.
+        assert_eq!(restored.get("spaced"), Some(&b" 1 "[..]));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -296,10 +296,10 @@ fn can_build_c() -> bool {
     }
 }
 
-/// Whether valgrind is there; without it a test skips, unless CI is set.
+/// Whether valgrind is there; without it a test skips (fails under CI).
 fn have_valgrind() -> bool {
     if let Some(triple) = cross_triple() {
-        common::skip(&format!(
+        common::skip_on_emulator(&format!(
             "valgrind checks host code, not {triple} under qemu"
         ));
         return false;
@@ -309,11 +309,7 @@ fn have_valgrind() -> bool {
         .output()
         .is_ok_and(|output| output.status.success());
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "valgrind is not installed but CI is set: install it (apt-get install valgrind)"
-        );
-        common::skip("valgrind is not installed (apt-get install valgrind); CI unset");
+        common::skip("valgrind is not installed (apt-get install valgrind)");
     }
     found
 }
@@ -541,11 +537,7 @@ fn header_is_fresh() {
 fn pkg_config_gives_the_link_line() {
     let found = Command::new("pkg-config").arg("--version").output().is_ok();
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "pkg-config is not installed but CI is set"
-        );
-        common::skip("pkg-config is not installed");
+        common::skip("pkg-config is not installed (apt-get install pkg-config)");
         return;
     }
     let output = Command::new("pkg-config")
@@ -796,4 +788,106 @@ fn example_gateway_syncs_with_a_node() {
     gateway.wait();
     assert_eq!(gateway_id.len(), 16, "{line}");
     node.wait();
+}
+
+/// A C program built exactly as the README says after
+/// `scripts/install.sh --prefix DIR`: `cc app.c $(pkg-config --cflags --libs
+/// gwsync)`. It also checks that the C API refuses a key with a control
+/// character, naming it.
+const INSTALLED_APP: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <gwsync.h>
+
+int main(int argc, char **argv)
+{
+    char config[512];
+    if (argc != 3)
+        return 2;
+    snprintf(config, sizeof config,
+             "{\"interfaces\":[\"lo\"],\"port\":%s,\"key_file\":\"%s\"}", argv[1], argv[2]);
+    gwsync_t *g = gwsync_open(config);
+    if (!g) {
+        fprintf(stderr, "open: %s\n", gwsync_last_error());
+        return 1;
+    }
+    char why[256] = "";
+    int bad = gwsync_set(g, "two\nlines", "1");
+    /* Valid until the next call on this thread: copied. */
+    if (gwsync_last_error())
+        snprintf(why, sizeof why, "%s", gwsync_last_error());
+    int good = gwsync_set(g, "one/line", "1");
+    printf("version %s bad %d good %d why %s\n", gwsync_version(), bad, good, why);
+    gwsync_close(g);
+    return bad == GWSYNC_ERR_INVALID && good == GWSYNC_OK && strstr(why, "control character") ? 0 : 1;
+}
+"#;
+
+#[test]
+fn install_script_gives_a_prefix_that_pkg_config_and_cc_use() {
+    if let Some(triple) = cross_triple() {
+        common::skip_on_emulator(&format!(
+            "installs for the host's pkg-config and cc, not {triple}"
+        ));
+        return;
+    }
+    if Command::new("pkg-config")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        common::skip("pkg-config is not installed (apt-get install pkg-config)");
+        return;
+    }
+    if !can_build_c() {
+        return;
+    }
+    let dir = common::TempDir::new("c-install");
+    let prefix = dir.path().join("prefix");
+    let prefix_text = prefix.to_str().unwrap();
+    let install = Command::new(manifest_dir().join("scripts/install.sh"))
+        .args(["--prefix", prefix_text, "--lib"])
+        .arg(staticlib())
+        .output()
+        .unwrap();
+    assert!(install.status.success(), "{install:?}");
+    for file in [
+        "lib/libgwsync.a",
+        "include/gwsync.h",
+        "lib/pkgconfig/gwsync.pc",
+    ] {
+        assert!(prefix.join(file).is_file(), "{file} not installed");
+    }
+    let app = dir.path().join("app.c");
+    std::fs::write(&app, INSTALLED_APP).unwrap();
+    let program = dir.path().join("app");
+    // The README's command, through a shell, as a user types it.
+    let build = Command::new("sh")
+        .arg("-c")
+        .arg("cc -o \"$2\" \"$1\" $(pkg-config --cflags --libs gwsync)")
+        .arg("sh")
+        .arg(&app)
+        .arg(&program)
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{build:?}");
+    let key = dir.path().join("key");
+    let genkey = common::gwsync(&["genkey"]);
+    std::fs::write(&key, genkey.stdout).unwrap();
+    let run = Command::new(&program)
+        .arg(common::unique_port().to_string())
+        .arg(&key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("\"two\\nlines\""),
+        "names the key: {stdout}"
+    );
 }

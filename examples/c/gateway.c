@@ -4,7 +4,8 @@
  * SIGINT or SIGTERM. One thread, one poll() loop; gwsync runs no thread
  * of its own here (poll mode).
  *
- * Build (see README-c.md):
+ * Build (README.md, section "C API"), after installing the library with
+ * `scripts/install.sh --prefix /usr/local`:
  *   cc -o gateway examples/c/gateway.c $(pkg-config --cflags --libs gwsync)
  * Run:
  *   ./gateway [INTERFACE [PORT [KEY_FILE]]]   e.g. ./gateway br-lan

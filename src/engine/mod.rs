@@ -151,7 +151,8 @@ pub enum Event {
 /// Why a local write was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteError {
-    /// The key is empty or longer than `key_bytes_max`.
+    /// The key is empty, longer than `key_bytes_max` or holds a control
+    /// character.
     InvalidKey,
     /// The value is longer than `value_bytes_max`.
     ValueTooLarge,
@@ -167,7 +168,7 @@ pub enum WriteError {
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            WriteError::InvalidKey => "key is empty or too long",
+            WriteError::InvalidKey => "key is empty, too long or holds a control character",
             WriteError::ValueTooLarge => "value is too large",
             WriteError::StoreFull => "store is full",
             WriteError::NotFound => "key not found",
@@ -180,10 +181,56 @@ impl fmt::Display for WriteError {
 
 impl std::error::Error for WriteError {}
 
+impl WriteError {
+    /// The error for a person: names the key and the limit it hit.
+    /// `value_bytes` is the refused value's size (0 for a delete).
+    pub fn explain(self, key: &str, value_bytes: usize, limits: &StoreLimits) -> String {
+        let shown = shown_key(key);
+        match self {
+            WriteError::InvalidKey if key.is_empty() => "the key is empty".to_owned(),
+            WriteError::InvalidKey if key.len() > limits.key_bytes_max => format!(
+                "key {shown} is too long: {} bytes; the limit is {} bytes",
+                key.len(),
+                limits.key_bytes_max
+            ),
+            WriteError::InvalidKey => {
+                let (at, bad) = key
+                    .char_indices()
+                    .find(|(_, c)| c.is_control())
+                    .unwrap_or((0, '?'));
+                format!(
+                    "key {shown} holds control character U+{:04X} at byte {at}; keys may not hold control characters",
+                    u32::from(bad)
+                )
+            }
+            WriteError::ValueTooLarge => format!(
+                "value for key {shown} is too large: {value_bytes} bytes; the limit is {} bytes",
+                limits.value_bytes_max
+            ),
+            WriteError::StoreFull => format!(
+                "store is full, key {shown} not stored; the limits are {} entries and {} bytes of keys and values (tombstones included)",
+                limits.entries_max, limits.store_bytes_max
+            ),
+            WriteError::NotFound => format!("key not found: {shown}"),
+            WriteError::VersionExhausted => format!("key {shown}: {self}"),
+        }
+    }
+}
+
+/// A key as an error message shows it: quoted with control characters
+/// escaped, and cut short when long.
+pub fn shown_key(key: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 64;
+    match key.char_indices().nth(SHOWN_CHARS_MAX) {
+        Some((cut, _)) => format!("{:?}...", &key[..cut]),
+        None => format!("{key:?}"),
+    }
+}
+
 impl From<Rejected> for WriteError {
     fn from(rejected: Rejected) -> Self {
         match rejected {
-            Rejected::KeyTooLong => WriteError::InvalidKey,
+            Rejected::KeyTooLong | Rejected::KeyControlChar => WriteError::InvalidKey,
             Rejected::ValueTooLarge => WriteError::ValueTooLarge,
             Rejected::StoreFull => WriteError::StoreFull,
         }
@@ -597,6 +644,25 @@ impl Engine {
         self.pending_push.insert(key.to_owned());
         self.push_due.get_or_insert(now + self.config.push_delay_ms);
         Ok(())
+    }
+
+    /// Merges one entry restored by an operator (`gwsync load`) by the
+    /// normal rule, so an older entry never overwrites a newer one; an
+    /// applied entry is announced to the group like a local write.
+    pub fn load_entry(
+        &mut self,
+        now: u64,
+        key: String,
+        version: Version,
+        value: Option<Box<[u8]>>,
+    ) -> Merged {
+        let pushed = key.clone();
+        let merged = self.merge_entry(key, version, value);
+        if merged == Merged::Applied {
+            self.pending_push.insert(pushed);
+            self.push_due.get_or_insert(now + self.config.push_delay_ms);
+        }
+        merged
     }
 
     /// Tells the engine the wall clock: `wall_ms` (ms since the Unix epoch)

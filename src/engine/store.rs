@@ -105,6 +105,9 @@ impl EntryRef<'_> {
 pub enum Rejected {
     /// The key is empty or longer than `key_bytes_max`.
     KeyTooLong,
+    /// The key holds a control character (a newline would split `list`'s
+    /// one-key-per-line output, an escape would reach a terminal).
+    KeyControlChar,
     /// The value is longer than `value_bytes_max`.
     ValueTooLarge,
     /// Storing it would pass `entries_max` or `store_bytes_max`.
@@ -374,9 +377,14 @@ impl Store {
     }
 
     /// Checks a key and value against the limits without storing anything.
+    /// The one check every key passes, whatever brought it (CLI, control
+    /// socket, C API, network, state file).
     pub fn check(&self, key: &str, value: Option<&[u8]>) -> Result<(), Rejected> {
         if key.is_empty() || key.len() > self.limits.key_bytes_max {
             return Err(Rejected::KeyTooLong);
+        }
+        if key.chars().any(char::is_control) {
+            return Err(Rejected::KeyControlChar);
         }
         if value.is_some_and(|value| value.len() > self.limits.value_bytes_max) {
             return Err(Rejected::ValueTooLarge);
@@ -611,6 +619,13 @@ mod tests {
             store.merge("toolong", value(1, 1, "v"), NOW),
             Merged::Rejected(Rejected::KeyTooLong)
         );
+        for bad in ["a\nb", "\t", "x\u{7f}", "\u{85}"] {
+            assert_eq!(
+                store.merge(bad, value(1, 1, "v"), NOW),
+                Merged::Rejected(Rejected::KeyControlChar),
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             store.merge("k", value(1, 1, "long"), NOW),
             Merged::Rejected(Rejected::ValueTooLarge)

@@ -80,19 +80,53 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
-/// Says that a test skipped, and why, where the person running the tests
-/// sees it: the harness captures `eprintln!` of passing tests, but not
-/// writes to the stderr handle.
+/// Whether this run is CI (env `CI` set and not "0" or "false"): there a
+/// missing precondition is a broken job, not a reason to pass.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| !matches!(value.trim(), "" | "0" | "false"))
+}
+
+static SKIPPED: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn print_skip_summary() {
+    use std::io::Write;
+    let count = SKIPPED.load(Ordering::Relaxed);
+    if count > 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {count} test(s) of {} did not run (reasons above; they count as \"ok\" in cargo's summary)",
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned()))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// A test cannot run here for a missing precondition (not root, a tool
+/// missing): outside CI it says SKIPPED and why, and the test binary prints
+/// how many skipped when it exits; under CI the test fails instead, so a
+/// green CI run means every test ran. The caller returns after it.
 pub fn skip(why: &str) {
     use std::io::Write;
+    assert!(!in_ci(), "cannot run under CI: {why}");
+    // Written to the handle: the harness captures `eprintln!` of passing
+    // tests, and a skip must be seen.
     let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+    if SKIPPED.fetch_add(1, Ordering::Relaxed) == 0 {
+        // SAFETY: registers a plain function with no captured state.
+        unsafe { libc::atexit(print_skip_summary) };
+    }
 }
 
 /// Says that a test cannot run on this platform by its nature (an x86_64-only
-/// tool while the test binary runs under the cross emulator, say), as opposed
-/// to a missing precondition on the host, which [`skip`] reports.
+/// tool while the test binary runs under the cross emulator, say): a skip
+/// even under CI, as opposed to a missing precondition ([`skip`]).
 pub fn skip_on_emulator(why: &str) {
-    skip(why);
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED (emulator): {why}");
 }
 
 pub fn is_root() -> bool {
@@ -264,6 +298,13 @@ impl Daemon {
         );
     }
 
+    /// A CLI command against this daemon, to run with other stdio.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = gwsync_command();
+        command.arg("--socket").arg(&self.socket).args(args);
+        command
+    }
+
     /// Runs a CLI command against this daemon.
     pub fn cli(&self, args: &[&str]) -> CliResult {
         let mut full = vec!["--socket", self.socket.to_str().unwrap()];
@@ -283,7 +324,7 @@ impl Daemon {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        let result = self.cli(&["status"]);
+        let result = self.cli(&["status", "--json"]);
         assert_eq!(result.code, 0, "status of {}: {result:?}", self.name);
         serde_json::from_str(&result.stdout).unwrap()
     }
@@ -291,7 +332,7 @@ impl Daemon {
     /// `status` when the daemon answers, `None` when it does not (refused
     /// or gone): for tests of the control socket's own limits.
     pub fn status_raw(&self) -> Option<serde_json::Value> {
-        let result = self.cli(&["status"]);
+        let result = self.cli(&["status", "--json"]);
         (result.code == 0).then(|| serde_json::from_str(&result.stdout).ok())?
     }
 
