@@ -402,6 +402,27 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
+/// Creates the namespace `hub` holding the bridge `br0`, up, with
+/// multicast snooping off, as netifd configures OpenWrt bridges by default.
+pub fn add_hub(hub: &str) {
+    run("ip", &["netns", "add", hub]);
+    run(
+        "ip",
+        &[
+            "-n",
+            hub,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ],
+    );
+    run("ip", &["-n", hub, "link", "set", "br0", "up"]);
+}
+
 /// Network namespaces on one bridge, deleted on drop even when the test
 /// fails. The bridge lives in a namespace of its own ("hub"), so the test
 /// never touches the host's interfaces.
@@ -424,23 +445,7 @@ impl Lan {
             hub: format!("{tag}-hub"),
             nodes: (0..nodes).map(|index| format!("{tag}-n{index}")).collect(),
         };
-        run("ip", &["netns", "add", &lan.hub]);
-        // Snooping off, as netifd configures OpenWrt bridges by default.
-        run(
-            "ip",
-            &[
-                "-n",
-                &lan.hub,
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ],
-        );
-        run("ip", &["-n", &lan.hub, "link", "set", "br0", "up"]);
+        add_hub(&lan.hub);
         for node in &lan.nodes {
             run("ip", &["netns", "add", node]);
             run("ip", &["-n", node, "link", "set", "lo", "up"]);

@@ -23,7 +23,9 @@
 //! PID 1 is killed, which ends every process, mount and network device of its
 //! namespaces, and its private copy of the rootfs is removed.
 
-use super::{CliResult, TempDir, is_root, runner_argv, skip, skip_on_emulator, wait_until};
+use super::{
+    CliResult, TempDir, cli_result, is_root, runner_argv, skip, skip_on_emulator, wait_until,
+};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -195,24 +197,9 @@ impl Bridge {
             std::process::id() % 100_000,
             super::unique()
         );
-        run_ok("ip", &["netns", "add", &hub]);
+        // Built first, so that its drop removes a half-made hub.
         let bridge = Bridge { hub };
-        // Snooping off, as netifd configures OpenWrt bridges by default.
-        run_ok(
-            "ip",
-            &[
-                "-n",
-                &bridge.hub,
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ],
-        );
-        run_ok("ip", &["-n", &bridge.hub, "link", "set", "br0", "up"]);
+        super::add_hub(&bridge.hub);
         bridge
     }
 
@@ -767,14 +754,6 @@ impl Drop for Router {
             );
         }
         self.halt();
-    }
-}
-
-fn cli_result(output: std::process::Output) -> CliResult {
-    CliResult {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
