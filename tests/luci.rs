@@ -345,7 +345,7 @@ fn luci_app_in_chromium() {
         "ubus call gwsync status",
     );
     peer.wait_for("gwsync runs", Duration::from_secs(20), "gwsync status");
-    let peer_status: Value = serde_json::from_str(&peer.sh_ok("gwsync status")).unwrap();
+    let peer_status: Value = serde_json::from_str(&peer.sh_ok("gwsync status --json")).unwrap();
     let peer_id = peer_status["node_id"].as_str().unwrap().to_owned();
 
     let mut browser = Browser::start(&gateway);
