@@ -946,8 +946,15 @@ fn a_c_write_on_a_full_state_disk_says_not_persisted_and_nothing_acknowledged_is
     node.ask("set before 1", &["ok set", "err"]);
 
     let filler = fill(&flash.0);
-    // Acknowledged within the debounce window, before any save failed.
-    assert_eq!(node.ask("set during 1", &["ok set", "err"]), "ok set");
+    // Within the debounce window the write is acknowledged before any save
+    // is tried; on a slow machine a save may already have failed, and then
+    // it must say so. Either way it is kept (checked at the end).
+    let during = node.ask("set during 1", &["ok set", "err"]);
+    assert!(
+        during == "ok set"
+            || during.starts_with(&format!("err {} ", gwsync::ffi::GWSYNC_ERR_NOT_PERSISTED)),
+        "{during}"
+    );
     let deadline = Instant::now() + SYNC_TIMEOUT;
     let refused = loop {
         let answer = node.ask("set refused 1", &["ok set", "err"]);

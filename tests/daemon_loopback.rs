@@ -747,9 +747,6 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
             client
         })
         .collect();
-    wait_until("new clients are refused", SYNC_TIMEOUT, || {
-        daemon.status_raw().is_none()
-    });
     let evicted_before = control["clients_evicted"].as_u64().unwrap();
     wait_until(
         "stalled clients are evicted and the CLI gets in",
@@ -758,18 +755,19 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
     );
     let control = daemon.status()["control"].clone();
     assert!(
-        control["clients_refused"].as_u64().unwrap() >= 1,
-        "{control}"
-    );
-    assert!(
         control["clients_evicted"].as_u64().unwrap() > evicted_before,
         "{control}"
     );
+    // Whether any connect had to be refused depends on how fast the 60
+    // came (a client fresh in mid-request is busy for 50 ms, then
+    // evictable), so a loaded machine may see none; when there were
+    // refusals, however many, the log says so once.
+    let refused = control["clients_refused"].as_u64().unwrap();
     let log = daemon.log_text();
     assert_eq!(
         log.matches("refused").count(),
-        1,
-        "refusals are logged once per interval: {log}"
+        usize::from(refused >= 1),
+        "{refused} refusals are logged once per interval: {log}"
     );
     // The flood's reply is never read: that client times out, having
     // been given one reply, not two thousand.
@@ -862,8 +860,9 @@ fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
     wait_until("gw1 has the delete", SYNC_TIMEOUT, || {
         daemons[1].cli(&["get", "change/0"]).code == 3 && daemons[1].get("change/19").is_some()
     });
-    let origin = daemons[0].status()["node_id"].clone();
-    let status = daemons[1].status();
+    // The writer records its own changes in the order it made them.
+    let status = daemons[0].status();
+    let origin = status["node_id"].clone();
     assert_eq!(status["last_change"]["key"], "change/0", "{status}");
     assert_eq!(status["last_change"]["deleted"], true);
     assert_eq!(status["last_change"]["origin"], origin);
@@ -873,6 +872,17 @@ fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
     assert_eq!(recent[0], status["last_change"]);
     assert_eq!(recent[1]["key"], "change/19");
     assert_eq!(recent[1]["deleted"], false);
+    // The other gateway lists them as they arrived (one datagram may carry
+    // several, so not necessarily in write order), with their origin.
+    let status = daemons[1].status();
+    let recent = status["recent_changes"].as_array().unwrap();
+    assert_eq!(recent.len(), 16, "{status}");
+    assert!(
+        recent.iter().any(|change| change["key"] == "change/0"
+            && change["deleted"] == true
+            && change["origin"] == origin),
+        "{status}"
+    );
     assert_eq!(
         status["persist"],
         serde_json::json!({"ok": true, "error": null, "unsaved_changes": status["persist"]["unsaved_changes"]})
@@ -880,6 +890,11 @@ fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
     // Each peer's last summary digest against ours: in sync once the
     // group is quiet again.
     wait_until("each sees the other in sync", SYNC_TIMEOUT, || {
+        // A group in sync may stay quiet for a whole Trickle interval: a
+        // sync request makes each announce its digest now.
+        for daemon in &daemons {
+            daemon.cli(&["trigger"]);
+        }
         daemons.iter().all(|daemon| {
             let status = daemon.status();
             let peers = status["peers"].as_array().cloned().unwrap_or_default();
