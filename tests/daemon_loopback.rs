@@ -497,6 +497,13 @@ fn state_files_are_private_and_unsafe_directories_and_foreign_sockets_are_refuse
         );
         return;
     }
+    if !common::runner_argv().is_empty() {
+        // File modes and users are the kernel's, the same on every CPU;
+        // running the target binary as another user through the emulator
+        // adds nothing but the emulator's own permission needs.
+        common::skip_on_emulator("state_files_are_private: host only");
+        return;
+    }
     let dir = TempDir::new("private");
     chmod(dir.path(), 0o755);
     let port = unique_port().to_string();
@@ -724,7 +731,11 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
     }
     assert!(sent > 0);
     assert_eq!(daemon.cli(&["get", "big"]).code, 0);
-    assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+    // Under the cross emulator the process is qemu, whose own memory
+    // dwarfs the daemon's: the bound is checked on the host.
+    if common::runner_argv().is_empty() {
+        assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+    }
 
     // 40 connections that never say a word: each new client evicts the
     // longest idle one, so the CLI still gets in.
@@ -796,7 +807,11 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
         "the daemon queued {drained} reply bytes for an unread client"
     );
     stuck.clear();
-    assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+    // Under the cross emulator the process is qemu, whose own memory
+    // dwarfs the daemon's: the bound is checked on the host.
+    if common::runner_argv().is_empty() {
+        assert!(rss_kib() < 32 * 1024, "peak RSS {} KiB", rss_kib());
+    }
 }
 
 #[test]
