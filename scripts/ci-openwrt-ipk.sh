@@ -24,6 +24,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 export WORK=${WORK:-/tmp/gwsync-owsdk}
+mkdir -p "$WORK"
 max_bytes=${GWSYNC_IPK_MAX_BYTES:-512000}
 tarballs=${SRC_TARBALLS:-${GWSYNC_SHARED_DIR:-$repo/../shared}/openwrt-sdk/src}
 qemu=${QEMU:-${XRUST_PREFIX:-/opt/xrust}/qemu/bin/qemu-mipsel}
