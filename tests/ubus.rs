@@ -181,6 +181,15 @@ fn key_file(dir: &Path) -> String {
     path.display().to_string()
 }
 
+/// One keyed gateway on loopback with its own ubusd, its object published.
+fn one_gateway_on_lo(owrt: &Userland, dir: &Path) -> (Ubusd, Daemon) {
+    let bus = Ubusd::start(owrt, &dir.join("ubus.sock"));
+    let key = key_file(dir);
+    let daemon = start_daemon(dir, "gw", None, "lo", unique_port(), &bus.socket, &key);
+    wait_for_object(owrt, &bus.socket);
+    (bus, daemon)
+}
+
 fn start_daemon(
     dir: &Path,
     name: &str,
@@ -227,18 +236,7 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
         return;
     };
     let dir = TempDir::new("ubus-cli");
-    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
-    let key = key_file(dir.path());
-    let daemon = start_daemon(
-        dir.path(),
-        "gw",
-        None,
-        "lo",
-        unique_port(),
-        &bus.socket,
-        &key,
-    );
-    wait_for_object(&owrt, &bus.socket);
+    let (bus, daemon) = one_gateway_on_lo(&owrt, dir.path());
     let call =
         |method: &str, args: &str| ubus(&owrt, &bus.socket, &["call", "gwsync", method, args]);
     let node_id = daemon.status()["node_id"].as_str().unwrap().to_owned();
@@ -311,7 +309,7 @@ fn every_method_through_the_ubus_cli_with_its_status_codes() {
 
     // reload re-reads the key file; a broken one is refused, keys stay.
     assert_eq!(call("reload", "{}"), (OK, json!({})));
-    std::fs::write(&key, "not a key\n").unwrap();
+    std::fs::write(dir.path().join("group.key"), "not a key\n").unwrap();
     let (status, reply) = call("reload", "{}");
     assert_eq!(status, UNKNOWN_ERROR, "{reply}");
     assert!(
@@ -388,18 +386,7 @@ fn a_reply_over_ubusds_message_limit_is_an_error_and_the_object_stays() {
         return;
     };
     let dir = TempDir::new("ubus-large");
-    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
-    let key = key_file(dir.path());
-    let daemon = start_daemon(
-        dir.path(),
-        "gw",
-        None,
-        "lo",
-        unique_port(),
-        &bus.socket,
-        &key,
-    );
-    wait_for_object(&owrt, &bus.socket);
+    let (bus, daemon) = one_gateway_on_lo(&owrt, dir.path());
     // 18 values of 60 KiB: each fits, the whole dump (1.08 MB) does not fit
     // ubusd's 1 MiB message limit.
     let big = format!("\"{}\"", "v".repeat(60 * 1024));
@@ -480,18 +467,7 @@ fn subscribers_get_change_notifications() {
         return;
     };
     let dir = TempDir::new("ubus-subscribe");
-    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
-    let key = key_file(dir.path());
-    let daemon = start_daemon(
-        dir.path(),
-        "gw",
-        None,
-        "lo",
-        unique_port(),
-        &bus.socket,
-        &key,
-    );
-    wait_for_object(&owrt, &bus.socket);
+    let (bus, daemon) = one_gateway_on_lo(&owrt, dir.path());
     let subscriber = Watcher::start(
         &owrt,
         &bus.socket,
@@ -639,18 +615,7 @@ fn a_c_program_with_libubus_calls_get_and_set_and_receives_events() {
         "cc failed:\n{}",
         String::from_utf8_lossy(&compiled.stderr)
     );
-    let bus = Ubusd::start(&owrt, &dir.path().join("ubus.sock"));
-    let key = key_file(dir.path());
-    let daemon = start_daemon(
-        dir.path(),
-        "gw",
-        None,
-        "lo",
-        unique_port(),
-        &bus.socket,
-        &key,
-    );
-    wait_for_object(&owrt, &bus.socket);
+    let (bus, daemon) = one_gateway_on_lo(&owrt, dir.path());
 
     let output = Command::new(&program)
         .env("LD_LIBRARY_PATH", owrt.library_path())
