@@ -754,7 +754,10 @@ fn control_socket_clients_are_bounded_and_cannot_lock_out_the_others() {
     let mut stuck: Vec<_> = (0..60)
         .map(|_| {
             let mut client = raw_client(&daemon.socket);
-            client.write_all(b"{\"op\":").unwrap();
+            // A client past the limit is accepted and closed at once, so
+            // its write may meet a broken pipe: that refusal is counted
+            // below, not an error here.
+            let _ = client.write_all(b"{\"op\":");
             client
         })
         .collect();
