@@ -43,6 +43,15 @@ pub trait Gateway {
     fn set_wall_clock(&mut self, _now: u64, _wall_ms: u64) {}
     /// Live values (no tombstones), for convergence checks.
     fn data(&self) -> BTreeMap<String, Vec<u8>>;
+    /// `data()[key] == value`, without copying the data: checked after
+    /// every simulated event, so a 10,000-entry copy there dominates a run.
+    fn holds(&self, key: &str, value: &[u8]) -> bool {
+        self.data().get(key).map(Vec::as_slice) == Some(value)
+    }
+    /// `data().len()`, without copying the data.
+    fn live_len(&self) -> usize {
+        self.data().len()
+    }
     /// Equal on two gateways exactly when they hold the same data.
     fn digest(&self) -> u64;
     /// Nothing but periodic traffic pending.
@@ -125,6 +134,15 @@ impl Gateway for Engine {
             .iter()
             .filter_map(|(key, entry)| Some((key.to_owned(), entry.value?.to_vec())))
             .collect()
+    }
+    fn holds(&self, key: &str, value: &[u8]) -> bool {
+        self.get(key) == Some(value)
+    }
+    fn live_len(&self) -> usize {
+        self.store()
+            .iter()
+            .filter(|(_, entry)| entry.value.is_some())
+            .count()
     }
     fn digest(&self) -> u64 {
         self.store().digest()
@@ -786,6 +804,10 @@ impl Gateway for BareMethod {
             // Method step 3: take the newer data (all of it) and stay quiet.
             self.data = Self::decode_set(&set);
             self.version = version;
+            // Older transfers can get no more chunks (see above), so they
+            // never complete; kept, they held up to one copy of the set per
+            // sender on every node (gigabytes at N = 128).
+            self.partial.retain(|&(_, counter), _| counter >= version.0);
         }
     }
 
@@ -831,6 +853,14 @@ impl Gateway for BareMethod {
 
     fn data(&self) -> BTreeMap<String, Vec<u8>> {
         self.data.clone()
+    }
+
+    fn holds(&self, key: &str, value: &[u8]) -> bool {
+        self.data.get(key).map(Vec::as_slice) == Some(value)
+    }
+
+    fn live_len(&self) -> usize {
+        self.data.len()
     }
 
     fn digest(&self) -> u64 {

@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 
 use rand::Rng;
 
-use super::{BareMethod, Factory, Medium, Sim, engine_factory};
+use super::{BareMethod, Factory, Gateway, Medium, Sim, engine_factory};
 use crate::engine::Config;
 
 /// What to run. Every figure is a pure function of the plan.
@@ -116,7 +116,7 @@ pub struct Row {
     pub converge_ms_p50: u64,
     pub converge_ms_p99: u64,
     pub steady_datagrams_per_interval: f64,
-    /// `None`: not simulated (see [`run_row`]).
+    /// `None`: not simulated (see [`row_jobs`]).
     pub join_bytes_ratio: Option<f64>,
     /// `None`: some join did not converge within `JOIN_LIMIT_MS`.
     pub join_converge_ms: Option<u64>,
@@ -135,14 +135,21 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn holds_everywhere(sim: &Sim, key: &str, value: &[u8]) -> bool {
-    (0..sim.len()).all(|node| {
-        sim.gateway(node)
-            .is_some_and(|g| g.data().get(key).map(Vec::as_slice) == Some(value))
-    })
+    (0..sim.len()).all(|node| sim.gateway(node).is_some_and(|g| g.holds(key, value)))
+}
+
+/// Checked after every event: the cheap necessary conditions go first, so
+/// the data is compared in full only when it can be equal.
+fn holds_exactly(gateway: &dyn Gateway, expected: &BTreeMap<String, Vec<u8>>) -> bool {
+    gateway.live_len() == expected.len() && &gateway.data() == expected
 }
 
 fn all_equal(sim: &Sim, expected: &BTreeMap<String, Vec<u8>>) -> bool {
-    (0..sim.len()).all(|node| sim.gateway(node).is_some_and(|g| &g.data() == expected))
+    sim.converged()
+        && (0..sim.len()).all(|node| {
+            sim.gateway(node)
+                .is_some_and(|g| holds_exactly(g, expected))
+        })
 }
 
 struct UpdateFigures {
@@ -244,7 +251,8 @@ fn measure_join(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> 
     let joiner = sim.add_node();
     sim.trigger(joiner);
     let took = sim.run_until_condition(JOIN_LIMIT_MS, |sim| {
-        sim.gateway(joiner).is_some_and(|g| g.data() == expected)
+        sim.gateway(joiner)
+            .is_some_and(|g| holds_exactly(g, &expected))
     });
     let bytes = sim.traffic().bytes - before.bytes;
     (bytes as f64 / store_bytes as f64, took)
@@ -279,20 +287,27 @@ fn measure_partition(plan: &Plan, system: System, n: usize, seed: u64) -> usize 
         .count()
 }
 
-/// Measures one row.
-pub fn run_row(plan: &Plan, system: System, n: usize, loss: u32) -> Row {
-    let mut datagrams = Vec::new();
-    let mut bytes = Vec::new();
-    let mut converge = Vec::new();
-    let mut steady = Vec::new();
-    for seed in 0..plan.seeds {
-        let figures = measure_updates(plan, system, n, loss, seed);
-        datagrams.extend(figures.datagrams);
-        bytes.extend(figures.bytes);
-        converge.extend(figures.converge_ms);
-        steady.push(figures.steady_per_interval);
-    }
-    converge.sort_unstable();
+/// One independent simulation of a row; a row's jobs run on any thread
+/// and are combined in a fixed order, so the figures do not depend on the
+/// number of threads.
+#[derive(Clone, Copy)]
+enum Job {
+    Updates { seed: u64 },
+    Join,
+    Partition,
+}
+
+enum Outcome {
+    Updates(UpdateFigures),
+    Join((f64, Option<u64>)),
+    Partition(usize),
+}
+
+/// (system, n, loss) of one table line.
+type RowKey = (System, usize, u32);
+
+fn row_jobs(plan: &Plan, (system, n, loss): RowKey) -> Vec<Job> {
+    let mut jobs: Vec<Job> = (0..plan.seeds).map(|seed| Job::Updates { seed }).collect();
     // One join per row: a join is a thousand-datagram transfer whose figure
     // moves little from seed to seed.
     // The bare method at N >= 32 under loss re-sends the whole set from
@@ -301,11 +316,44 @@ pub fn run_row(plan: &Plan, system: System, n: usize, loss: u32) -> Row {
     // (where it never converges either) the run's longest part.
     let bare_lossy_join_too_slow =
         system == System::Bare && loss > 0 && n * plan.join_keys >= 128 * 10_000;
-    let joins: Vec<(f64, Option<u64>)> = if bare_lossy_join_too_slow || plan.join_keys == 0 {
-        Vec::new()
-    } else {
-        vec![measure_join(plan, system, n, loss, 0)]
-    };
+    if !bare_lossy_join_too_slow && plan.join_keys > 0 {
+        jobs.push(Job::Join);
+    }
+    if loss == 0 && plan.partition_writes > 0 {
+        jobs.push(Job::Partition);
+    }
+    jobs
+}
+
+fn run_job(plan: &Plan, (system, n, loss): RowKey, job: Job) -> Outcome {
+    match job {
+        Job::Updates { seed } => Outcome::Updates(measure_updates(plan, system, n, loss, seed)),
+        Job::Join => Outcome::Join(measure_join(plan, system, n, loss, 0)),
+        Job::Partition => Outcome::Partition(measure_partition(plan, system, n, 0)),
+    }
+}
+
+/// Combines a row's outcomes, given in the order of [`row_jobs`].
+fn row_from(plan: &Plan, (system, n, loss): RowKey, outcomes: Vec<Outcome>) -> Row {
+    let mut datagrams = Vec::new();
+    let mut bytes = Vec::new();
+    let mut converge = Vec::new();
+    let mut steady = Vec::new();
+    let mut joins = Vec::new();
+    let mut partition_writes_kept = None;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Updates(figures) => {
+                datagrams.extend(figures.datagrams);
+                bytes.extend(figures.bytes);
+                converge.extend(figures.converge_ms);
+                steady.push(figures.steady_per_interval);
+            }
+            Outcome::Join(join) => joins.push(join),
+            Outcome::Partition(kept) => partition_writes_kept = Some(kept),
+        }
+    }
+    converge.sort_unstable();
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
     Row {
         system,
@@ -324,26 +372,87 @@ pub fn run_row(plan: &Plan, system: System, n: usize, loss: u32) -> Row {
             .map(|j| j.1)
             .collect::<Option<Vec<u64>>>()
             .map(|t| t.into_iter().max().unwrap_or(0)),
-        partition_writes_kept: (loss == 0 && plan.partition_writes > 0)
-            .then(|| measure_partition(plan, system, n, 0)),
+        partition_writes_kept,
         partition_writes: plan.partition_writes,
         seeds: plan.seeds,
     }
 }
 
 /// Every row of the plan, gwsync and the bare method side by side, in
-/// table order; `each` sees each row as soon as it is measured.
+/// table order; `each` sees each row as soon as it and every row before it
+/// are measured. The simulations run on all available cores (a full run is
+/// hours of simulated LAN on one core), the largest first so that no core
+/// is left with one long job at the end.
 pub fn run(plan: &Plan, mut each: impl FnMut(&Row)) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for &n in &plan.ns {
-        for &loss in &plan.losses {
-            for &system in &plan.systems {
-                let row = run_row(plan, system, n, loss);
+    let keys: Vec<RowKey> = plan
+        .ns
+        .iter()
+        .flat_map(|&n| {
+            plan.losses
+                .iter()
+                .flat_map(move |&loss| plan.systems.iter().map(move |&system| (system, n, loss)))
+        })
+        .collect();
+    let mut jobs: Vec<(usize, usize, Job)> = keys
+        .iter()
+        .enumerate()
+        .flat_map(|(row, &key)| {
+            row_jobs(plan, key)
+                .into_iter()
+                .enumerate()
+                .map(move |(index, job)| (row, index, job))
+        })
+        .collect();
+    let cost = |&(row, _, job): &(usize, usize, Job)| {
+        let (_, n, _) = keys[row];
+        match job {
+            Job::Join => n * plan.join_keys.max(1) / 100,
+            _ => n,
+        }
+    };
+    jobs.sort_by_key(|job| std::cmp::Reverse(cost(job)));
+    let mut outcomes: Vec<Vec<Option<Outcome>>> = keys
+        .iter()
+        .map(|&key| row_jobs(plan, key).iter().map(|_| None).collect())
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next_job = std::sync::atomic::AtomicUsize::new(0);
+    let mut rows = Vec::with_capacity(keys.len());
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        for _ in 0..threads.min(jobs.len()) {
+            let sender = sender.clone();
+            let (jobs, keys, next_job) = (&jobs, &keys, &next_job);
+            scope.spawn(move || {
+                while let Some(&(row, index, job)) =
+                    jobs.get(next_job.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    if sender
+                        .send((row, index, run_job(plan, keys[row], job)))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        let mut emit_complete_rows = |outcomes: &mut Vec<Vec<Option<Outcome>>>| {
+            while rows.len() < keys.len() && outcomes[rows.len()].iter().all(Option::is_some) {
+                let done = rows.len();
+                let complete = std::mem::take(&mut outcomes[done]);
+                let row = row_from(plan, keys[done], complete.into_iter().flatten().collect());
                 each(&row);
                 rows.push(row);
             }
+        };
+        // A row with nothing to simulate is complete before any job ends.
+        emit_complete_rows(&mut outcomes);
+        for (row, index, outcome) in receiver {
+            outcomes[row][index] = Some(outcome);
+            emit_complete_rows(&mut outcomes);
         }
-    }
+    });
     rows
 }
 
