@@ -14,8 +14,23 @@ use std::time::Duration;
 use common::{CliResult, Daemon, TempDir, gwsync, gwsync_command, unique_port, wait_until};
 
 const COMMANDS: &[&str] = &[
-    "daemon", "get", "set", "del", "list", "dump", "load", "status", "health", "trigger", "watch",
-    "reload", "genkey", "demo", "help", "version",
+    "daemon",
+    "get",
+    "set",
+    "del",
+    "list",
+    "dump",
+    "load",
+    "status",
+    "health",
+    "trigger",
+    "watch",
+    "reload",
+    "genkey",
+    #[cfg(feature = "demo")]
+    "demo",
+    "help",
+    "version",
 ];
 
 /// A key file made by `gwsync genkey`, as a user would make one.

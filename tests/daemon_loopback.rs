@@ -229,6 +229,7 @@ fn sigterm_saves_the_state_and_a_restart_restores_it() {
     assert!(daemons[0].log_text().contains("restored 1 entries"));
 }
 
+#[cfg(feature = "demo")]
 #[test]
 fn demo_converges_to_the_newest_write() {
     let demo = gwsync(&["demo"]);

@@ -1198,7 +1198,7 @@ CARGO_PKG_VARS=CARGO_BUILD_TARGET=$(RUSTC_TARGET_ARCH) RUSTFLAGS=\"$(CARGO_RUSTF
 CARGO_PKG_PROFILE:=release
 CARGO_PKG_ARGS=--locked
 define Build/Compile/Cargo
-\t+$(CARGO_PKG_VARS) cargo install -v --profile $(CARGO_PKG_PROFILE) --root $(PKG_INSTALL_DIR) --path \"$(PKG_BUILD_DIR)/$(if $(strip $(1)),$(strip $(1)),.)\" $(if $(filter --jobserver%,$(PKG_JOBS)),,-j1) $(CARGO_PKG_ARGS) $(2)
+\t+$(CARGO_PKG_VARS) cargo install -v --profile $(CARGO_PKG_PROFILE) $(if $(strip $(RUST_PKG_FEATURES)),--features \"$(strip $(RUST_PKG_FEATURES))\") --root $(PKG_INSTALL_DIR) --path \"$(PKG_BUILD_DIR)/$(if $(strip $(1)),$(strip $(1)),.)\" $(if $(filter --jobserver%,$(PKG_JOBS)),,-j1) $(CARGO_PKG_ARGS) $(2)
 endef
 define RustBinPackage
 endef
@@ -1283,9 +1283,9 @@ fn makefile_recipes_install_and_stage_the_right_files() {
     }
     assert!(!build.join("target").exists(), "prepare copied target/");
 
-    // Compile: two cargo runs with the same environment, profile and target
-    // directory. A stub cargo on PATH records them (make -n would still run
-    // the `+` lines).
+    // Compile: two cargo runs with the same environment, profile, features
+    // and target directory; only the binary's aborts on a panic. A stub cargo
+    // on PATH records them (make -n would still run the `+` lines).
     let stub_bin = dir.join("bin");
     fs::create_dir_all(&stub_bin).unwrap();
     let cargo_log = dir.join("cargo.log");
@@ -1321,9 +1321,17 @@ fn makefile_recipes_install_and_stage_the_right_files() {
             "{line}"
         );
         assert!(line.contains("-Ctarget-feature=-crt-static"), "{line}");
+        // No `gwsync demo` on a router.
+        assert!(line.contains("--no-default-features"), "{line}");
+        assert!(line.contains("--features ubus"), "{line}");
     }
     assert!(
         cargo_lines[0].contains("cargo install"),
+        "{}",
+        cargo_lines[0]
+    );
+    assert!(
+        cargo_lines[0].contains("--config profile.release.panic=\"abort\""),
         "{}",
         cargo_lines[0]
     );
@@ -1332,6 +1340,8 @@ fn makefile_recipes_install_and_stage_the_right_files() {
         "{}",
         cargo_lines[1]
     );
+    // The library keeps unwinding, for GWSYNC_ERR_PANIC.
+    assert!(!cargo_lines[1].contains("panic"), "{}", cargo_lines[1]);
 
     // Install and InstallDev against stand-in build outputs.
     let lib_dir = build.join("target/mipsel-unknown-linux-musl/release");

@@ -309,7 +309,13 @@ log "scripts/feeds update -a; install rust; install -p $PKG $PKG"
 # rust-web-src (-Zbuild-std, crt-static off, the SDK's gcc as linker) into
 # that sysroot, and rust/host's make stamps pre-set.
 RH=$TGT/host
-if [ ! -f "$RH/.stamp-rust" ]; then
+# panic_abort usable beside panic_unwind, as in rust/host's std: the
+# package's binary is built with panic=abort, its C library with unwind. The
+# stamp records what the std build provides, so a work tree with an older std
+# rebuilds it.
+STD_CRATES=std,panic_unwind,panic_abort
+STD_STAMP="$STD_CRATES; panic_abort with panic=abort"
+if [ "$(cat "$RH/.stamp-rust" 2>/dev/null)" != "$STD_STAMP" ]; then
   log "rust/host stand-in: $("$XRUST/bin/rustc" -V) -> $RH; std for $RTARGET"
   rm -rf "$RH/lib/rustlib" "$RH/bin/rustc" "$RH/bin/cargo" "$RH/bin/rustdoc"
   mkdir -p "$RH/bin" "$RH/lib/rustlib/$RTARGET/lib"
@@ -329,16 +335,25 @@ EOF
   sb=$WORK/std-build; rm -rf "$sb"; mkdir -p "$sb/src"
   printf '[package]\nname = "stdsysroot"\nversion = "0.0.0"\nedition = "2021"\n[lib]\npath = "src/lib.rs"\n' > "$sb/Cargo.toml"
   echo '' > "$sb/src/lib.rs"
+  # The abort runtime must itself be compiled with panic=abort, or rustc
+  # refuses it for a panic=abort crate; x.py's rustc shim does the same.
+  cat > "$sb/rustc-wrapper" <<'EOF'
+#!/bin/sh
+case " $* " in *" --crate-name panic_abort "*) exec "$@" -C panic=abort ;; esac
+exec "$@"
+EOF
+  chmod +x "$sb/rustc-wrapper"
   up=$(echo "$RTARGET" | tr 'a-z-' 'A-Z_')
   ( cd "$sb" && env RUSTC_BOOTSTRAP=1 CARGO_HOME="$SDK/dl/cargo" __CARGO_TESTS_ONLY_SRC_ROOT="$RUSTSRC" \
+      RUSTC_WRAPPER="$sb/rustc-wrapper" \
       "CARGO_TARGET_${up}_LINKER=$TC/bin/$OT-gcc" \
       RUSTFLAGS="-Ctarget-feature=-crt-static -Cembed-bitcode=yes --remap-path-prefix=$RUSTSRC=/rustc/library --remap-path-prefix=$SDK/dl/cargo=/rustc/cargo" \
       CARGO_PROFILE_RELEASE_OPT_LEVEL=3 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
       CARGO_PROFILE_RELEASE_PANIC=unwind CARGO_PROFILE_RELEASE_LTO=false \
-      "$XRUST/usr/bin/cargo" build --release -Zbuild-std=std,panic_unwind --target "$RTARGET" -j"$JOBS" \
+      "$XRUST/usr/bin/cargo" build --release -Zbuild-std="$STD_CRATES" --target "$RTARGET" -j"$JOBS" \
       --config "build.rustc='$XRUST/bin/rustc'" ) >"$LOG/std-build.log" 2>&1 || { tail -30 "$LOG/std-build.log"; die "std build failed"; }
   find "$sb/target/$RTARGET/release/deps" -name 'lib*.rlib' ! -name 'libstdsysroot-*' -exec cp {} "$RH/lib/rustlib/$RTARGET/lib/" \;
-  touch "$RH/.stamp-rust"
+  echo "$STD_STAMP" > "$RH/.stamp-rust"
 fi
 # rust/host's own build stamps, named as the real host-build.mk names them
 # (make val.*). Computed without SDK_MAKE_VARS, as rust/host would have been
