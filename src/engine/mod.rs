@@ -407,6 +407,10 @@ struct DigestsDue {
     requests_left: u32,
 }
 
+/// Enough to recognise a peer a few changes behind us; older ones matter
+/// little (it then lacks several changes, and asks or is asked anyway).
+const PAST_DIGESTS_KEPT: usize = 8;
+
 /// Summaries scheduled after a push on a lossy LAN.
 #[derive(Clone, Debug)]
 struct Tail {
@@ -486,6 +490,11 @@ pub struct Engine {
     last_node_id_change: Option<u64>,
     /// The digest of our last summary, and when it went out.
     announced: Option<(u64, u64)>,
+    /// Our recent digests, oldest first, one per input that changed the
+    /// data: a summary carrying one of them comes from a peer that lacks
+    /// what we got since (a summary's clock is its sender's current time,
+    /// so it cannot tell a peer behind us from one ahead).
+    past_digests: VecDeque<u64>,
     /// When a summary differing from our data was first heard since the
     /// last consistent one. Bucket digests answer a difference only when it
     /// is heard again after our own summary went out (see `on_summary`).
@@ -539,6 +548,7 @@ impl Engine {
             started_physical_ms: None,
             last_node_id_change: None,
             announced: None,
+            past_digests: VecDeque::new(),
             difference_heard_at: None,
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
@@ -663,6 +673,7 @@ impl Engine {
         value: Option<&[u8]>,
     ) -> Result<(), WriteError> {
         self.store.check(key, value)?;
+        self.remember_digest();
         self.set_wall_clock(now, wall_ms);
         let ticked = self.clock.tick(wall_ms, self.config.clock_ahead_max_ms);
         // A stored version beyond the bound (taken while our own clock ran
@@ -800,6 +811,7 @@ impl Engine {
     /// Runs every timer whose deadline is at or before `now`.
     pub fn handle_timeout(&mut self, now: u64) {
         self.now = self.now.max(now);
+        self.remember_digest();
         if self.push_due.is_some_and(|due| due <= now) {
             self.push_due = None;
             self.flush_push(now);
@@ -898,6 +910,7 @@ impl Engine {
     /// Takes one datagram received from the group.
     pub fn handle_datagram(&mut self, now: u64, bytes: &[u8]) {
         self.now = self.now.max(now);
+        self.remember_digest();
         self.counters.datagrams_received += 1;
         self.counters.bytes_received += bytes.len() as u64;
         let (header, message) = match self.open(bytes) {
@@ -1081,8 +1094,10 @@ impl Engine {
             return self.count_drop(DropReason::ClockAhead);
         }
         // Newer than anything we have seen: the sender holds something we
-        // lack (a lost push, most likely), so our digests ask for it.
-        let behind = summary.clock > self.clock.high_water();
+        // lack (a lost push, most likely), so our digests ask for it;
+        // unless it announces what we held before, and lacks what we got.
+        let behind =
+            summary.clock > self.clock.high_water() && !self.past_digests.contains(&summary.digest);
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
             self.difference_heard_at = None;
@@ -1123,6 +1138,16 @@ impl Engine {
         } else if self.repair_queue.is_empty() {
             self.difference_heard_at = None;
             self.schedule_bucket_digests(now, summary.digest, behind);
+        }
+    }
+
+    fn remember_digest(&mut self) {
+        let digest = self.store.digest();
+        if self.past_digests.back() != Some(&digest) {
+            if self.past_digests.len() == PAST_DIGESTS_KEPT {
+                self.past_digests.pop_front();
+            }
+            self.past_digests.push_back(digest);
         }
     }
 
@@ -1768,6 +1793,63 @@ mod tests {
             Some(Event::NodeIdClash { old: NodeId(1), .. })
         ));
         assert_ne!(b.node_id(), NodeId(1));
+    }
+
+    #[test]
+    fn a_summary_of_what_we_held_before_is_a_peer_behind_us_not_a_reason_to_ask() {
+        const WALL: u64 = 1_780_000_000_000;
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
+        a.set_wall_clock(0, WALL);
+        b.set_wall_clock(0, WALL);
+        let deliver = |from: &mut Engine, to: Option<&mut Engine>, now: u64| {
+            from.handle_timeout(from.poll_timeout());
+            let sent: Vec<Vec<u8>> = std::iter::from_fn(|| from.poll_transmit()).collect();
+            assert!(!sent.is_empty());
+            if let Some(to) = to {
+                for datagram in &sent {
+                    to.handle_datagram(now, datagram);
+                }
+            }
+        };
+        b.set(0, WALL, "o", b"1").unwrap();
+        deliver(&mut b, Some(&mut a), 1);
+        a.set(2, WALL + 2, "k", b"1").unwrap();
+        deliver(&mut a, Some(&mut b), 3);
+        assert_eq!((a.get("o"), b.get("k")), (Some(&b"1"[..]), Some(&b"1"[..])));
+        // A second write b never hears: b is now one change behind a.
+        a.set(10, WALL + 10, "k", b"2").unwrap();
+        deliver(&mut a, None, 11);
+        // b's summaries carry its current clock, later than a's write. a
+        // misses the first and hears the second: a lost datagram, then a
+        // summary that differs, with a later clock than anything a holds.
+        let mut summary_at = |at: u64| {
+            b.set_wall_clock(at, WALL + at);
+            b.trigger(at, TriggerReason::Manual);
+            loop {
+                b.handle_timeout(b.poll_timeout());
+                if let Some(summary) = b.poll_transmit() {
+                    break summary;
+                }
+            }
+        };
+        let _lost = summary_at(1_000);
+        let heard = summary_at(2_000);
+        let mut now = 4_000;
+        a.set_wall_clock(now, WALL + now);
+        a.handle_datagram(now, &heard);
+        while a.poll_timeout() <= 8_000 {
+            now = a.poll_timeout().max(now);
+            a.handle_timeout(now);
+            while a.poll_transmit().is_some() {}
+        }
+        // Not a repair request asked again and again (b lacks, a holds):
+        // at most one set of digests, showing b what it lacks.
+        assert!(
+            a.counters().bucket_digests_sent <= 1,
+            "{} bucket digests sent",
+            a.counters().bucket_digests_sent
+        );
     }
 
     #[test]
