@@ -123,6 +123,9 @@ pub struct Config {
     pub repair_bytes_per_sec_max: u64,
     /// A bucket repaired is not repaired again within this long, however
     /// many requests for it arrive: one answer per window serves them all.
+    /// For a join-sized request (see [`JOIN_BUCKETS_MIN`]) that holds for
+    /// the whole group: a bucket another gateway was heard sending, holding
+    /// what we hold, is not sent by us either.
     pub repair_bucket_interval_ms: u64,
 }
 
@@ -159,6 +162,14 @@ impl Default for Config {
         }
     }
 }
+
+/// A request for at least this many buckets is join-sized: the requester
+/// lacks a good part of the store (it is new, or was away long), or it is a
+/// forger asking for everything. Such a request is served once per
+/// `repair_bucket_interval_ms` by the whole group, not once per request or
+/// per gateway: the store is the one answer an attacker can draw at will,
+/// and ten requests (or ten joiners) must not draw it ten times.
+pub const JOIN_BUCKETS_MIN: usize = BUCKETS / 4;
 
 /// Something the embedding program should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -493,10 +504,12 @@ pub struct Engine {
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
-    /// When each bucket was last repaired by us.
-    /// When each bucket was last sent in repair, and the requester's
+    /// When each bucket was last sent in repair by us, and the requester's
     /// digest of it then.
     bucket_repaired_at: Box<[Option<(u64, u64)>; BUCKETS]>,
+    /// When another gateway was last heard sending each bucket in repair
+    /// while we held the same: it served every join-sized request of then.
+    bucket_repair_heard_at: Box<[Option<u64>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     counters: Counters,
@@ -543,6 +556,7 @@ impl Engine {
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
             bucket_repaired_at: Box::new([None; BUCKETS]),
+            bucket_repair_heard_at: Box::new([None; BUCKETS]),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -1244,6 +1258,9 @@ impl Engine {
         self.postpone_repair_request(now);
         let bucket = tag.bucket as usize % BUCKETS;
         let same_data = self.store.bucket_summary(bucket).digest == tag.digest;
+        if same_data {
+            self.bucket_repair_heard_at[bucket] = Some(now);
+        }
         if same_data && self.repair_queue.remove(&tag.bucket).is_some() {
             // It serves what we would: the same request, most likely.
             if !self.repairing || sender < self.node_id {
@@ -1329,25 +1346,15 @@ impl Engine {
             let ours_rank = (ours.max_hlc, ours.count.min(u16::MAX as u32));
             let theirs_rank = (theirs.max_hlc, theirs.count);
             if ours_rank >= theirs_rank {
-                let interval = self.config.repair_bucket_interval_ms;
-                let repaired_lately =
-                    self.bucket_repaired_at[bucket as usize].is_some_and(|(at, digest)| {
-                        now.saturating_sub(at) < interval && digest == theirs.digest
-                    });
-                if repaired_lately {
-                    // Served within the window to a requester holding the
-                    // same: that answer serves this request too, however
-                    // many arrive. A requester that got part of it asks
-                    // with another digest, and is served the rest.
-                    self.counters.repairs_paced += 1;
-                } else {
-                    ours_newer.push((bucket, theirs.digest));
-                }
+                ours_newer.push((bucket, theirs.digest));
             }
             if ours_rank <= theirs_rank {
                 we_need = true;
             }
         }
+        let asked = ours_newer.len();
+        self.drop_served_lately(now, &mut ours_newer);
+        self.counters.repairs_paced += (asked - ours_newer.len()) as u64;
         // One answer, not one per gateway: the origin of the newest entry
         // among what we would send (the writer of a lost push; whoever
         // wrote last, for a join) answers within the first quarter of the
@@ -1392,6 +1399,34 @@ impl Engine {
         if we_need {
             self.schedule_bucket_digests(now, digests.digest, true);
         }
+    }
+
+    /// Drops from `ours_newer` (buckets with the requester's digest of
+    /// each) those a repair within `repair_bucket_interval_ms` serves
+    /// already:
+    ///
+    /// - a bucket we sent to a requester holding the same digest of it:
+    ///   that answer serves this request too, however many arrive, and a
+    ///   requester that got part of it asks with another digest and is sent
+    ///   the rest;
+    /// - for a join-sized request, also a bucket another gateway was heard
+    ///   sending while we held the same: the requests of many joiners, or
+    ///   one forger's with fresh sequence numbers, then draw the store once
+    ///   per window from the whole group, not once per gateway that
+    ///   volunteers. A joiner that lost part of the answer usually lacks
+    ///   less than a join-sized share and is sent the rest at once; one
+    ///   that lost more is sent it when it asks after the window.
+    fn drop_served_lately(&self, now: u64, ours_newer: &mut Vec<(u16, u64)>) {
+        let interval = self.config.repair_bucket_interval_ms;
+        let lately = |at: u64| now.saturating_sub(at) < interval;
+        let join_sized = ours_newer.len() >= JOIN_BUCKETS_MIN;
+        ours_newer.retain(|&(bucket, theirs)| {
+            let bucket = bucket as usize;
+            let ours = self.bucket_repaired_at[bucket]
+                .is_some_and(|(at, digest)| lately(at) && digest == theirs);
+            let heard = join_sized && self.bucket_repair_heard_at[bucket].is_some_and(lately);
+            !(ours || heard)
+        });
     }
 
     fn payload_bytes_max(&self) -> usize {
@@ -1806,5 +1841,89 @@ mod tests {
             b.handle_datagram(1, datagram);
         }
         assert!(b.get("big") == Some(&value[..]), "{:?}", b.counters());
+    }
+
+    /// An unkeyed join request (bucket digests that list nothing) from
+    /// `sender`, with its own sequence number.
+    fn join_request(sender: u64, seq: u32) -> Vec<u8> {
+        let header = Header {
+            message_type: wire::MessageType::BucketDigests,
+            flags: 0,
+            key_id: 0,
+            sender: NodeId(sender),
+            boot: 7,
+            seq,
+        };
+        let request = Message::BucketDigests(BucketDigests {
+            digest: 0xbad,
+            first: 0,
+            end: BUCKETS as u16,
+            buckets: Vec::new(),
+        });
+        wire::encode(&header, &request)
+    }
+
+    /// Runs two engines on a lossless LAN until `until`: every datagram of
+    /// one reaches the other at once, timers fire in time order.
+    fn pump(pair: &mut [Engine; 2], mut now: u64, until: u64) {
+        loop {
+            let mut sent = false;
+            for from in 0..2 {
+                while let Some(datagram) = pair[from].poll_transmit() {
+                    sent = true;
+                    pair[1 - from].handle_datagram(now, &datagram);
+                }
+            }
+            if sent {
+                continue;
+            }
+            now = pair.iter().map(Engine::poll_timeout).min().unwrap_or(until);
+            if now > until {
+                return;
+            }
+            for engine in pair.iter_mut() {
+                if engine.poll_timeout() <= now {
+                    engine.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_request_is_not_served_again_within_the_window_by_a_gateway_that_heard_it_served() {
+        let mut pair = [
+            Engine::new(Config::default(), NodeId(1), 1, 0),
+            Engine::new(Config::default(), NodeId(2), 2, 0),
+        ];
+        for i in 0..500 {
+            pair[0]
+                .set(0, 1_000, &format!("device/{i}"), b"{\"on\":true}")
+                .unwrap();
+        }
+        pump(&mut pair, 0, 5_000);
+        assert_eq!(pair[0].store().digest(), pair[1].store().digest());
+        let joined_buckets = (0..BUCKETS)
+            .filter(|&bucket| pair[0].store().bucket_summary(bucket).count > 0)
+            .count();
+        assert!(joined_buckets >= JOIN_BUCKETS_MIN, "{joined_buckets}");
+        let repairs = |engine: &Engine| engine.counters().repairs_sent;
+        // Gateway 1 alone hears a join request and serves it; gateway 0
+        // (the origin of every entry, so the first to answer a request it
+        // hears) hears that answer.
+        pair[1].handle_datagram(5_000, &join_request(9, 1));
+        pump(&mut pair, 5_000, 5_500);
+        assert!(repairs(&pair[1]) >= joined_buckets as u64);
+        assert_eq!(repairs(&pair[0]), 0);
+        // Another join request, a fresh one, within the window: gateway 0
+        // sends nothing, gateway 1's answer served it.
+        pair[0].handle_datagram(5_500, &join_request(9, 2));
+        pump(&mut pair, 5_500, 5_900);
+        assert_eq!(repairs(&pair[0]), 0, "{:?}", pair[0].counters());
+        assert!(pair[0].counters().repairs_paced >= joined_buckets as u64);
+        // After the window the next one is answered again.
+        let after = 5_000 + Config::default().repair_bucket_interval_ms + 600;
+        pair[0].handle_datagram(after, &join_request(9, 3));
+        pump(&mut pair, after, after + 1_000);
+        assert!(repairs(&pair[0]) >= joined_buckets as u64);
     }
 }
