@@ -171,6 +171,11 @@ impl Default for Config {
 /// and ten requests (or ten joiners) must not draw it ten times.
 pub const JOIN_BUCKETS_MIN: usize = BUCKETS / 4;
 
+/// Differing summary digests remembered while each waits to be heard again
+/// (see `on_summary`): enough for the few states an honest group shows at
+/// once; a forger cycling through more only delays a confirmation.
+const DIFFERENCES_HELD: usize = 4;
+
 /// Something the embedding program should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -497,10 +502,12 @@ pub struct Engine {
     last_node_id_change: Option<u64>,
     /// The digest of our last summary, and when it went out.
     announced: Option<(u64, u64)>,
-    /// When a summary differing from our data was first heard since the
-    /// last consistent one. Bucket digests answer a difference only when it
-    /// is heard again after our own summary went out (see `on_summary`).
-    difference_heard_at: Option<u64>,
+    /// Digests of summaries differing from our data heard since the last
+    /// consistent one (the latest [`DIFFERENCES_HELD`]), each with when it
+    /// was first heard. Bucket digests answer a difference only when its
+    /// digest is heard again after our own summary went out (see
+    /// `on_summary`).
+    differences_heard: VecDeque<(u64, u64)>,
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
@@ -552,7 +559,7 @@ impl Engine {
             started_physical_ms: None,
             last_node_id_change: None,
             announced: None,
-            difference_heard_at: None,
+            differences_heard: VecDeque::new(),
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
             bucket_repaired_at: Box::new([None; BUCKETS]),
@@ -1099,7 +1106,7 @@ impl Engine {
         let behind = summary.clock > self.clock.high_water();
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -1115,7 +1122,7 @@ impl Engine {
         // its repeats): our digests, if they fit one datagram, ask for the
         // repair at once.
         if behind && missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.schedule_bucket_digests(now, summary.digest, true);
             return;
         }
@@ -1123,19 +1130,34 @@ impl Engine {
         // is heard again after our own summary (sent soon) went out: a real
         // peer that differs keeps saying so, one round later, while a
         // single forged summary draws a summary, not 100x its size in
-        // digests. One summary, not a Trickle reset (RFC 6206 rule 6): a
+        // digests. Again means the same digest (from any peer holding that
+        // data): a difference mended by pushes since, with no equal summary
+        // heard, must not make the next summary of anyone (a forger's, say)
+        // count as heard again. A joiner's digest moves on with every
+        // repair, so its own requests, not others' answers, drive its
+        // join. One summary, not a Trickle reset (RFC 6206 rule 6): a
         // reset would make every gateway that heard the difference send
         // summaries through ten doublings back to Imax.
         self.announce_soon(now);
         let digest = self.store.digest();
-        let confirmed = match (self.difference_heard_at, self.announced) {
+        let heard_at = self
+            .differences_heard
+            .iter()
+            .find(|&&(theirs, _)| theirs == summary.digest)
+            .map(|&(_, at)| at);
+        let confirmed = match (heard_at, self.announced) {
             (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
             _ => false,
         };
         if !confirmed {
-            self.difference_heard_at.get_or_insert(now);
+            if heard_at.is_none() {
+                if self.differences_heard.len() == DIFFERENCES_HELD {
+                    self.differences_heard.pop_front();
+                }
+                self.differences_heard.push_back((summary.digest, now));
+            }
         } else if self.repair_queue.is_empty() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.schedule_bucket_digests(now, summary.digest, behind);
         }
     }
@@ -1843,24 +1865,92 @@ mod tests {
         assert!(b.get("big") == Some(&value[..]), "{:?}", b.counters());
     }
 
-    /// An unkeyed join request (bucket digests that list nothing) from
-    /// `sender`, with its own sequence number.
-    fn join_request(sender: u64, seq: u32) -> Vec<u8> {
+    /// An unkeyed datagram from `sender`, as a spoofer builds it.
+    fn forged(sender: u64, seq: u32, message: &Message) -> Vec<u8> {
         let header = Header {
-            message_type: wire::MessageType::BucketDigests,
+            message_type: message.message_type(),
             flags: 0,
             key_id: 0,
             sender: NodeId(sender),
             boot: 7,
             seq,
         };
+        wire::encode(&header, message)
+    }
+
+    /// A join request (bucket digests that list nothing) from `sender`,
+    /// with its own sequence number.
+    fn join_request(sender: u64, seq: u32) -> Vec<u8> {
         let request = Message::BucketDigests(BucketDigests {
             digest: 0xbad,
             first: 0,
             end: BUCKETS as u16,
             buckets: Vec::new(),
         });
-        wire::encode(&header, &request)
+        forged(sender, seq, &request)
+    }
+
+    /// Runs `engine`'s timers from `now` until `until`; returns what it sent.
+    fn run_timers(engine: &mut Engine, mut now: u64, until: u64) -> Vec<Vec<u8>> {
+        let mut sent = Vec::new();
+        loop {
+            sent.extend(std::iter::from_fn(|| engine.poll_transmit()));
+            now = now.max(engine.poll_timeout());
+            if now > until {
+                return sent;
+            }
+            engine.handle_timeout(now);
+        }
+    }
+
+    #[test]
+    fn one_forged_summary_draws_no_bucket_digests_after_a_difference_mended_by_a_push() {
+        const WALL: u64 = 1_780_000_000_000;
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
+        a.set_wall_clock(0, WALL);
+        b.set_wall_clock(0, WALL);
+        a.set(0, WALL, "first", b"1").unwrap();
+        a.handle_timeout(0);
+        for datagram in std::iter::from_fn(|| a.poll_transmit()) {
+            b.handle_datagram(0, &datagram);
+        }
+        // b writes, and a misses the push for now; a's next summary shows
+        // b a difference, which b announces its own summary about.
+        b.set(10, WALL + 10, "second", b"2").unwrap();
+        b.handle_timeout(10);
+        let push: Vec<Vec<u8>> = std::iter::from_fn(|| b.poll_transmit()).collect();
+        a.trigger(50, TriggerReason::Manual);
+        let summary = run_timers(&mut a, 50, 100).pop().expect("a's summary");
+        b.handle_datagram(100, &summary);
+        let announced = b.counters().summaries_sent;
+        run_timers(&mut b, 100, 400);
+        assert!(b.counters().summaries_sent > announced);
+        // The push then mends the difference; b hears no summary equal to
+        // its own.
+        for datagram in &push {
+            a.handle_datagram(400, datagram);
+        }
+        assert_eq!(a.store().digest(), b.store().digest());
+        // One forged summary with another digest, as new as can be.
+        let lie = Message::Summary(Summary {
+            digest: 0xbad,
+            entries: 1,
+            clock: Hlc::new(WALL + 400, 0),
+        });
+        let digests_sent = b.counters().bucket_digests_sent;
+        b.handle_datagram(400, &forged(9, 1, &lie));
+        run_timers(&mut b, 400, 1_000);
+        assert_eq!(
+            b.counters().bucket_digests_sent,
+            digests_sent,
+            "one forged summary drew bucket digests"
+        );
+        // The same digest heard again after b's answer is a real
+        // difference: now bucket digests go out.
+        b.handle_datagram(1_000, &forged(9, 2, &lie));
+        run_timers(&mut b, 1_000, 1_100);
+        assert!(b.counters().bucket_digests_sent > digests_sent);
     }
 
     /// Runs two engines on a lossless LAN until `until`: every datagram of
