@@ -89,7 +89,7 @@ fn attack_rows() {
     let mut attacks = byzantine::forged_datagrams(&group());
     attacks.push((
         "bucket digests, empty store (join)",
-        byzantine::empty_store_digests(),
+        byzantine::empty_store_digests(1),
     ));
     for (name, datagram) in attacks {
         let answer = byzantine::answer_to(group, |_| datagram.clone(), 10_000);

@@ -6,32 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, Lan, TempDir, unique_port, wait_until};
+use common::{Daemon, Lan, TempDir, unique_port, wait_all_have, wait_until};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn start_all(lan: &Lan, dir: &TempDir, port: u16, extra: &[&str]) -> Vec<Daemon> {
-    let port = port.to_string();
-    lan.nodes
-        .iter()
-        .enumerate()
-        .map(|(index, node)| {
-            let mut args = vec!["--interface", "eth0", "--port", &port];
-            args.extend_from_slice(extra);
-            Daemon::start(dir.path(), &format!("gw{index}"), Some(node), &args)
-        })
-        .collect()
-}
-
-fn wait_all_have(daemons: &[Daemon], key: &str, value: &str, timeout: Duration) {
-    for daemon in daemons {
-        wait_until(
-            &format!("{} has {key} = {value}", daemon.name),
-            timeout,
-            || daemon.get(key).as_deref() == Some(value),
-        );
-    }
-}
 
 #[test]
 fn write_anywhere_read_everywhere() {
@@ -40,7 +17,7 @@ fn write_anywhere_read_everywhere() {
     };
     lan.connect_all();
     let dir = TempDir::new("ns-anywhere");
-    let daemons = start_all(&lan, &dir, unique_port(), &[]);
+    let daemons = lan.start_all(dir.path(), unique_port(), &[]);
     for (index, daemon) in daemons.iter().enumerate() {
         daemon.set(&format!("from/{index}"), &format!("{{\"gw\":{index}}}"));
     }
@@ -61,7 +38,7 @@ fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
     };
     lan.connect_all();
     let dir = TempDir::new("ns-kill");
-    let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
+    let mut daemons = lan.start_all(dir.path(), unique_port(), &[]);
     daemons[2].set("own/2", r#""mine""#);
     wait_all_have(&daemons, "own/2", r#""mine""#, SYNC_TIMEOUT);
     let state = daemons[2].state_dir.join("state.json");
@@ -87,7 +64,7 @@ fn a_link_that_goes_down_and_up_rejoins_by_itself() {
     };
     lan.connect_all();
     let dir = TempDir::new("ns-link");
-    let daemons = start_all(&lan, &dir, unique_port(), &[]);
+    let daemons = lan.start_all(dir.path(), unique_port(), &[]);
     daemons[0].set("before", "1");
     wait_all_have(&daemons, "before", "1", SYNC_TIMEOUT);
     lan.link(2, false);
@@ -113,7 +90,7 @@ fn twenty_percent_loss_everywhere_still_converges() {
         lan.inject_loss(index, 20, port);
     }
     let dir = TempDir::new("ns-loss");
-    let daemons = start_all(&lan, &dir, port, &[]);
+    let daemons = lan.start_all(dir.path(), port, &[]);
     for round in 0..5 {
         for (index, daemon) in daemons.iter().enumerate() {
             daemon.set(&format!("k/{index}/{round}"), &format!("{round}"));
@@ -150,19 +127,11 @@ fn a_daemon_started_before_its_interface_joins_when_it_appears() {
     lan.connect(0, true);
     lan.connect(1, true);
     let dir = TempDir::new("ns-late");
-    let port = unique_port().to_string();
-    let args = ["--interface", "eth0", "--port", &port];
+    let port = unique_port();
     let early: Vec<Daemon> = (0..2)
-        .map(|index| {
-            Daemon::start(
-                dir.path(),
-                &format!("gw{index}"),
-                Some(&lan.nodes[index]),
-                &args,
-            )
-        })
+        .map(|index| lan.start(index, dir.path(), port, &[]))
         .collect();
-    let late = Daemon::start(dir.path(), "gw2", Some(&lan.nodes[2]), &args);
+    let late = lan.start(2, dir.path(), port, &[]);
     wait_until("gw2 says eth0 is missing", SYNC_TIMEOUT, || {
         late.log_text().contains("does not exist")
     });
@@ -192,7 +161,7 @@ fn ipv6_link_local_only_lan_syncs() {
         lan.wait_ipv6_ready(index);
     }
     let dir = TempDir::new("ns-v6");
-    let daemons = start_all(&lan, &dir, unique_port(), &["--group", "ff02::7373"]);
+    let daemons = lan.start_all(dir.path(), unique_port(), &["--group", "ff02::7373"]);
     daemons[1].set("v6", r#""link-local""#);
     wait_all_have(&daemons, "v6", r#""link-local""#, SYNC_TIMEOUT);
     daemons[2].set("v6/back", "1");
@@ -210,7 +179,7 @@ fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
     };
     lan.connect_all();
     let dir = TempDir::new("ns-corrupt");
-    let mut daemons = start_all(&lan, &dir, unique_port(), &[]);
+    let mut daemons = lan.start_all(dir.path(), unique_port(), &[]);
     for index in 0..20 {
         daemons[0].set(&format!("data/{index}"), &format!("{{\"i\":{index}}}"));
     }
@@ -283,26 +252,12 @@ fn keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one() 
     for index in 0..3 {
         write_keys(index, &[&old]);
     }
-    let port = unique_port().to_string();
+    let port = unique_port();
     let daemons: Arc<Vec<Daemon>> = Arc::new(
-        lan.nodes
-            .iter()
-            .enumerate()
-            .map(|(index, node)| {
-                let key_file = key_files[index].to_str().unwrap().to_owned();
-                Daemon::start(
-                    dir.path(),
-                    &format!("gw{index}"),
-                    Some(node),
-                    &[
-                        "--interface",
-                        "eth0",
-                        "--port",
-                        &port,
-                        "--key-file",
-                        &key_file,
-                    ],
-                )
+        (0..3)
+            .map(|index| {
+                let key_file = key_files[index].to_str().unwrap();
+                lan.start(index, dir.path(), port, &["--key-file", key_file])
             })
             .collect(),
     );

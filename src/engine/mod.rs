@@ -123,6 +123,9 @@ pub struct Config {
     pub repair_bytes_per_sec_max: u64,
     /// A bucket repaired is not repaired again within this long, however
     /// many requests for it arrive: one answer per window serves them all.
+    /// For a join-sized request (see [`JOIN_BUCKETS_MIN`]) that holds for
+    /// the whole group: a bucket another gateway was heard sending, holding
+    /// what we hold, is not sent by us either.
     pub repair_bucket_interval_ms: u64,
 }
 
@@ -159,6 +162,19 @@ impl Default for Config {
         }
     }
 }
+
+/// A request for at least this many buckets is join-sized: the requester
+/// lacks a good part of the store (it is new, or was away long), or it is a
+/// forger asking for everything. Such a request is served once per
+/// `repair_bucket_interval_ms` by the whole group, not once per request or
+/// per gateway: the store is the one answer an attacker can draw at will,
+/// and ten requests (or ten joiners) must not draw it ten times.
+pub const JOIN_BUCKETS_MIN: usize = BUCKETS / 4;
+
+/// Differing summary digests remembered while each waits to be heard again
+/// (see `on_summary`): enough for the few states an honest group shows at
+/// once; a forger cycling through more only delays a confirmation.
+const DIFFERENCES_HELD: usize = 4;
 
 /// Something the embedding program should know about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -495,17 +511,21 @@ pub struct Engine {
     /// what we got since (a summary's clock is its sender's current time,
     /// so it cannot tell a peer behind us from one ahead).
     past_digests: VecDeque<u64>,
-    /// When a summary differing from our data was first heard since the
-    /// last consistent one. Bucket digests answer a difference only when it
-    /// is heard again after our own summary went out (see `on_summary`).
-    difference_heard_at: Option<u64>,
+    /// Digests of summaries differing from our data heard since the last
+    /// consistent one (the latest [`DIFFERENCES_HELD`]), each with when it
+    /// was first heard. Bucket digests answer a difference only when its
+    /// digest is heard again after our own summary went out (see
+    /// `on_summary`).
+    differences_heard: VecDeque<(u64, u64)>,
     /// Repair byte budget (may run below zero by one bucket).
     repair_budget_bytes: i64,
     repair_budget_at: u64,
-    /// When each bucket was last repaired by us.
-    /// When each bucket was last sent in repair, and the requester's
+    /// When each bucket was last sent in repair by us, and the requester's
     /// digest of it then.
     bucket_repaired_at: Box<[Option<(u64, u64)>; BUCKETS]>,
+    /// When another gateway was last heard sending each bucket in repair
+    /// while we held the same: it served every join-sized request of then.
+    bucket_repair_heard_at: Box<[Option<u64>; BUCKETS]>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     counters: Counters,
@@ -549,10 +569,11 @@ impl Engine {
             last_node_id_change: None,
             announced: None,
             past_digests: VecDeque::new(),
-            difference_heard_at: None,
+            differences_heard: VecDeque::new(),
             repair_budget_bytes: config.repair_bytes_per_sec_max as i64,
             repair_budget_at: now,
             bucket_repaired_at: Box::new([None; BUCKETS]),
+            bucket_repair_heard_at: Box::new([None; BUCKETS]),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -1100,7 +1121,7 @@ impl Engine {
             summary.clock > self.clock.high_water() && !self.past_digests.contains(&summary.digest);
         self.clock.observe(summary.clock);
         if summary.digest == self.store.digest() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.trickle.hear_consistent();
             if let Some(tail) = self.tail.as_mut() {
                 tail.consistent_heard = true;
@@ -1116,7 +1137,7 @@ impl Engine {
         // its repeats): our digests, if they fit one datagram, ask for the
         // repair at once.
         if behind && missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.schedule_bucket_digests(now, summary.digest, true);
             return;
         }
@@ -1124,19 +1145,34 @@ impl Engine {
         // is heard again after our own summary (sent soon) went out: a real
         // peer that differs keeps saying so, one round later, while a
         // single forged summary draws a summary, not 100x its size in
-        // digests. One summary, not a Trickle reset (RFC 6206 rule 6): a
+        // digests. Again means the same digest (from any peer holding that
+        // data): a difference mended by pushes since, with no equal summary
+        // heard, must not make the next summary of anyone (a forger's, say)
+        // count as heard again. A joiner's digest moves on with every
+        // repair, so its own requests, not others' answers, drive its
+        // join. One summary, not a Trickle reset (RFC 6206 rule 6): a
         // reset would make every gateway that heard the difference send
         // summaries through ten doublings back to Imax.
         self.announce_soon(now);
         let digest = self.store.digest();
-        let confirmed = match (self.difference_heard_at, self.announced) {
+        let heard_at = self
+            .differences_heard
+            .iter()
+            .find(|&&(theirs, _)| theirs == summary.digest)
+            .map(|&(_, at)| at);
+        let confirmed = match (heard_at, self.announced) {
             (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
             _ => false,
         };
         if !confirmed {
-            self.difference_heard_at.get_or_insert(now);
+            if heard_at.is_none() {
+                if self.differences_heard.len() == DIFFERENCES_HELD {
+                    self.differences_heard.pop_front();
+                }
+                self.differences_heard.push_back((summary.digest, now));
+            }
         } else if self.repair_queue.is_empty() {
-            self.difference_heard_at = None;
+            self.differences_heard.clear();
             self.schedule_bucket_digests(now, summary.digest, behind);
         }
     }
@@ -1269,6 +1305,9 @@ impl Engine {
         self.postpone_repair_request(now);
         let bucket = tag.bucket as usize % BUCKETS;
         let same_data = self.store.bucket_summary(bucket).digest == tag.digest;
+        if same_data {
+            self.bucket_repair_heard_at[bucket] = Some(now);
+        }
         if same_data && self.repair_queue.remove(&tag.bucket).is_some() {
             // It serves what we would: the same request, most likely.
             if !self.repairing || sender < self.node_id {
@@ -1354,25 +1393,15 @@ impl Engine {
             let ours_rank = (ours.max_hlc, ours.count.min(u16::MAX as u32));
             let theirs_rank = (theirs.max_hlc, theirs.count);
             if ours_rank >= theirs_rank {
-                let interval = self.config.repair_bucket_interval_ms;
-                let repaired_lately =
-                    self.bucket_repaired_at[bucket as usize].is_some_and(|(at, digest)| {
-                        now.saturating_sub(at) < interval && digest == theirs.digest
-                    });
-                if repaired_lately {
-                    // Served within the window to a requester holding the
-                    // same: that answer serves this request too, however
-                    // many arrive. A requester that got part of it asks
-                    // with another digest, and is served the rest.
-                    self.counters.repairs_paced += 1;
-                } else {
-                    ours_newer.push((bucket, theirs.digest));
-                }
+                ours_newer.push((bucket, theirs.digest));
             }
             if ours_rank <= theirs_rank {
                 we_need = true;
             }
         }
+        let asked = ours_newer.len();
+        self.drop_served_lately(now, &mut ours_newer);
+        self.counters.repairs_paced += (asked - ours_newer.len()) as u64;
         // One answer, not one per gateway: the origin of the newest entry
         // among what we would send (the writer of a lost push; whoever
         // wrote last, for a join) answers within the first quarter of the
@@ -1417,6 +1446,34 @@ impl Engine {
         if we_need {
             self.schedule_bucket_digests(now, digests.digest, true);
         }
+    }
+
+    /// Drops from `ours_newer` (buckets with the requester's digest of
+    /// each) those a repair within `repair_bucket_interval_ms` serves
+    /// already:
+    ///
+    /// - a bucket we sent to a requester holding the same digest of it:
+    ///   that answer serves this request too, however many arrive, and a
+    ///   requester that got part of it asks with another digest and is sent
+    ///   the rest;
+    /// - for a join-sized request, also a bucket another gateway was heard
+    ///   sending while we held the same: the requests of many joiners, or
+    ///   one forger's with fresh sequence numbers, then draw the store once
+    ///   per window from the whole group, not once per gateway that
+    ///   volunteers. A joiner that lost part of the answer usually lacks
+    ///   less than a join-sized share and is sent the rest at once; one
+    ///   that lost more is sent it when it asks after the window.
+    fn drop_served_lately(&self, now: u64, ours_newer: &mut Vec<(u16, u64)>) {
+        let interval = self.config.repair_bucket_interval_ms;
+        let lately = |at: u64| now.saturating_sub(at) < interval;
+        let join_sized = ours_newer.len() >= JOIN_BUCKETS_MIN;
+        ours_newer.retain(|&(bucket, theirs)| {
+            let bucket = bucket as usize;
+            let ours = self.bucket_repaired_at[bucket]
+                .is_some_and(|(at, digest)| lately(at) && digest == theirs);
+            let heard = join_sized && self.bucket_repair_heard_at[bucket].is_some_and(lately);
+            !(ours || heard)
+        });
     }
 
     fn payload_bytes_max(&self) -> usize {
@@ -1888,5 +1945,157 @@ mod tests {
             b.handle_datagram(1, datagram);
         }
         assert!(b.get("big") == Some(&value[..]), "{:?}", b.counters());
+    }
+
+    /// An unkeyed datagram from `sender`, as a spoofer builds it.
+    fn forged(sender: u64, seq: u32, message: &Message) -> Vec<u8> {
+        let header = Header {
+            message_type: message.message_type(),
+            flags: 0,
+            key_id: 0,
+            sender: NodeId(sender),
+            boot: 7,
+            seq,
+        };
+        wire::encode(&header, message)
+    }
+
+    /// A join request (bucket digests that list nothing) from `sender`,
+    /// with its own sequence number.
+    fn join_request(sender: u64, seq: u32) -> Vec<u8> {
+        let request = Message::BucketDigests(BucketDigests {
+            digest: 0xbad,
+            first: 0,
+            end: BUCKETS as u16,
+            buckets: Vec::new(),
+        });
+        forged(sender, seq, &request)
+    }
+
+    /// Runs `engine`'s timers from `now` until `until`; returns what it sent.
+    fn run_timers(engine: &mut Engine, mut now: u64, until: u64) -> Vec<Vec<u8>> {
+        let mut sent = Vec::new();
+        loop {
+            sent.extend(std::iter::from_fn(|| engine.poll_transmit()));
+            now = now.max(engine.poll_timeout());
+            if now > until {
+                return sent;
+            }
+            engine.handle_timeout(now);
+        }
+    }
+
+    #[test]
+    fn one_forged_summary_draws_no_bucket_digests_after_a_difference_mended_by_a_push() {
+        const WALL: u64 = 1_780_000_000_000;
+        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
+        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
+        a.set_wall_clock(0, WALL);
+        b.set_wall_clock(0, WALL);
+        a.set(0, WALL, "first", b"1").unwrap();
+        a.handle_timeout(0);
+        for datagram in std::iter::from_fn(|| a.poll_transmit()) {
+            b.handle_datagram(0, &datagram);
+        }
+        // b writes, and a misses the push for now; a's next summary shows
+        // b a difference, which b announces its own summary about.
+        b.set(10, WALL + 10, "second", b"2").unwrap();
+        b.handle_timeout(10);
+        let push: Vec<Vec<u8>> = std::iter::from_fn(|| b.poll_transmit()).collect();
+        a.trigger(50, TriggerReason::Manual);
+        let summary = run_timers(&mut a, 50, 100).pop().expect("a's summary");
+        b.handle_datagram(100, &summary);
+        let announced = b.counters().summaries_sent;
+        run_timers(&mut b, 100, 400);
+        assert!(b.counters().summaries_sent > announced);
+        // The push then mends the difference; b hears no summary equal to
+        // its own.
+        for datagram in &push {
+            a.handle_datagram(400, datagram);
+        }
+        assert_eq!(a.store().digest(), b.store().digest());
+        // One forged summary with another digest, as new as can be.
+        let lie = Message::Summary(Summary {
+            digest: 0xbad,
+            entries: 1,
+            clock: Hlc::new(WALL + 400, 0),
+        });
+        let digests_sent = b.counters().bucket_digests_sent;
+        b.handle_datagram(400, &forged(9, 1, &lie));
+        run_timers(&mut b, 400, 1_000);
+        assert_eq!(
+            b.counters().bucket_digests_sent,
+            digests_sent,
+            "one forged summary drew bucket digests"
+        );
+        // The same digest heard again after b's answer is a real
+        // difference: now bucket digests go out.
+        b.handle_datagram(1_000, &forged(9, 2, &lie));
+        run_timers(&mut b, 1_000, 1_100);
+        assert!(b.counters().bucket_digests_sent > digests_sent);
+    }
+
+    /// Runs two engines on a lossless LAN until `until`: every datagram of
+    /// one reaches the other at once, timers fire in time order.
+    fn pump(pair: &mut [Engine; 2], mut now: u64, until: u64) {
+        loop {
+            let mut sent = false;
+            for from in 0..2 {
+                while let Some(datagram) = pair[from].poll_transmit() {
+                    sent = true;
+                    pair[1 - from].handle_datagram(now, &datagram);
+                }
+            }
+            if sent {
+                continue;
+            }
+            now = pair.iter().map(Engine::poll_timeout).min().unwrap_or(until);
+            if now > until {
+                return;
+            }
+            for engine in pair.iter_mut() {
+                if engine.poll_timeout() <= now {
+                    engine.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_request_is_not_served_again_within_the_window_by_a_gateway_that_heard_it_served() {
+        let mut pair = [
+            Engine::new(Config::default(), NodeId(1), 1, 0),
+            Engine::new(Config::default(), NodeId(2), 2, 0),
+        ];
+        for i in 0..500 {
+            pair[0]
+                .set(0, 1_000, &format!("device/{i}"), b"{\"on\":true}")
+                .unwrap();
+        }
+        pump(&mut pair, 0, 5_000);
+        assert_eq!(pair[0].store().digest(), pair[1].store().digest());
+        let joined_buckets = (0..BUCKETS)
+            .filter(|&bucket| pair[0].store().bucket_summary(bucket).count > 0)
+            .count();
+        assert!(joined_buckets >= JOIN_BUCKETS_MIN, "{joined_buckets}");
+        let repairs = |engine: &Engine| engine.counters().repairs_sent;
+        // Gateway 1 alone hears a join request and serves it; gateway 0
+        // (the origin of every entry, so the first to answer a request it
+        // hears) hears that answer.
+        pair[1].handle_datagram(5_000, &join_request(9, 1));
+        pump(&mut pair, 5_000, 5_500);
+        assert!(repairs(&pair[1]) >= joined_buckets as u64);
+        assert_eq!(repairs(&pair[0]), 0);
+        // Another join request, a fresh one, within the window: gateway 0
+        // sends nothing, gateway 1's answer served it.
+        pair[0].handle_datagram(5_500, &join_request(9, 2));
+        pump(&mut pair, 5_500, 5_900);
+        assert_eq!(repairs(&pair[0]), 0, "{:?}", pair[0].counters());
+        assert!(pair[0].counters().repairs_paced >= joined_buckets as u64);
+        // After the window the next one is answered again.
+        let after = 5_000 + Config::default().repair_bucket_interval_ms + 600;
+        pair[0].handle_datagram(after, &join_request(9, 3));
+        pump(&mut pair, after, after + 1_000);
+        assert!(repairs(&pair[0]) >= joined_buckets as u64);
     }
 }

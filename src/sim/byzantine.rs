@@ -334,15 +334,30 @@ pub fn answer_to(
     make: impl Fn(&Sim) -> Vec<u8>,
     window_ms: u64,
 ) -> Answer {
+    answer_to_each(group, |sim| vec![make(sim)], 0, window_ms)
+}
+
+/// Like [`answer_to`] for several datagrams, injected `gap_ms` apart; the
+/// window starts at the first.
+pub fn answer_to_each(
+    group: impl Fn() -> Sim,
+    make: impl Fn(&Sim) -> Vec<Vec<u8>>,
+    gap_ms: u64,
+    window_ms: u64,
+) -> Answer {
     let mut baseline = group();
     let start = baseline.traffic();
     baseline.run_for(window_ms);
     let quiet = baseline.traffic();
     let mut attacked = group();
-    let datagram = make(&attacked);
-    let bytes_in = datagram.len() as u64;
-    attacked.inject(datagram);
-    attacked.run_for(window_ms);
+    let end = attacked.now() + window_ms;
+    let datagrams = make(&attacked);
+    let bytes_in = datagrams.iter().map(|datagram| datagram.len() as u64).sum();
+    for datagram in datagrams {
+        attacked.inject(datagram);
+        attacked.run_until(end.min(attacked.now() + gap_ms));
+    }
+    attacked.run_until(end);
     let loud = attacked.traffic();
     Answer {
         bytes_in,
@@ -451,10 +466,12 @@ pub fn forged_datagrams(sim: &Sim) -> Vec<(&'static str, Vec<u8>)> {
 
 /// The join-like request: bucket digests that list no bucket, as an empty
 /// gateway sends. Answered with the store (the join exception), paced.
-pub fn empty_store_digests() -> Vec<u8> {
+/// `seq` is its sequence number: each request of a series needs its own,
+/// or the replay window drops it before the engine sees it.
+pub fn empty_store_digests(seq: u32) -> Vec<u8> {
     forge(
         NodeId(0x5b00f),
-        1,
+        seq,
         &Message::BucketDigests(BucketDigests {
             digest: 0x0e,
             first: 0,

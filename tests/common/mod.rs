@@ -66,6 +66,17 @@ pub fn unique_port() -> u16 {
     20_000 + (spread % 40_000) as u16
 }
 
+/// Waits until every daemon of `daemons` holds `key` = `value`.
+pub fn wait_all_have(daemons: &[Daemon], key: &str, value: &str, timeout: Duration) {
+    for daemon in daemons {
+        wait_until(
+            &format!("{} has {key} = {value}", daemon.name),
+            timeout,
+            || daemon.get(key).as_deref() == Some(value),
+        );
+    }
+}
+
 /// Polls `condition` every 20 ms until it holds; panics after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -472,10 +483,57 @@ impl Lan {
             ],
         );
         if ipv4 {
-            let address = format!("169.254.73.{}/24", index + 1);
+            let address = format!("{}/24", self.ipv4(index));
             run("ip", &["-n", node, "addr", "add", &address, "dev", "eth0"]);
         }
         run("ip", &["-n", node, "link", "set", "eth0", "up"]);
+    }
+
+    /// The IPv4 address [`Lan::connect`] gives node `index`.
+    pub fn ipv4(&self, index: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(169, 254, 73, index as u8 + 1)
+    }
+
+    /// Runs `work` on a thread inside node `index`'s network namespace and
+    /// returns its result: a socket it opens stays in that namespace, so
+    /// the test itself can act as a host on the LAN.
+    pub fn in_node<T: Send>(&self, index: usize, work: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.nodes[index]);
+        let netns = File::open(&path).unwrap_or_else(|error| panic!("open {path}: {error}"));
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: a plain syscall on a descriptor we hold; it
+                    // moves only this short-lived thread, not the test's.
+                    let moved = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(
+                        moved,
+                        0,
+                        "setns into {path}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    work()
+                })
+                .join()
+                .expect("the thread in the namespace panicked")
+        })
+    }
+
+    /// Starts `gw{index}` in node `index` on its `eth0`, group port `port`,
+    /// with `extra` arguments; its files live in `dir`.
+    pub fn start(&self, index: usize, dir: &Path, port: u16, extra: &[&str]) -> Daemon {
+        let port = port.to_string();
+        let mut args = vec!["--interface", "eth0", "--port", &port];
+        args.extend_from_slice(extra);
+        Daemon::start(dir, &format!("gw{index}"), Some(&self.nodes[index]), &args)
+    }
+
+    /// [`Lan::start`] in every node.
+    pub fn start_all(&self, dir: &Path, port: u16, extra: &[&str]) -> Vec<Daemon> {
+        (0..self.nodes.len())
+            .map(|index| self.start(index, dir, port, extra))
+            .collect()
     }
 
     pub fn connect_all(&self) {
