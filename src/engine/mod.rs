@@ -841,15 +841,15 @@ impl Engine {
             self.send_summary();
         }
         if let Some(mut tail) = self.tail.take_if(|tail| tail.due <= now) {
-            if tail.repeats_left > 0 {
+            let repeat = (tail.repeats_left > 0).then(|| {
                 tail.repeats_left -= 1;
-                let keys = if tail.repeats_left == 0 {
+                if tail.repeats_left == 0 {
                     std::mem::take(&mut tail.repeat)
                 } else {
                     tail.repeat.clone()
-                };
-                self.send_pushed(keys);
-            } else {
+                }
+            });
+            if repeat.is_none() {
                 if !tail.consistent_heard {
                     self.send_summary();
                 }
@@ -859,6 +859,11 @@ impl Engine {
             tail.due = now + tail.gap_ms;
             tail.gap_ms *= 2;
             self.tail = (tail.remaining > 0).then_some(tail);
+            // Sent with the tail back in place: the repeat says a tail
+            // follows, as the push did.
+            if let Some(keys) = repeat {
+                self.send_pushed(keys);
+            }
         }
         if let Some(mut digests) = self.bucket_digests_due.filter(|d| d.due <= now) {
             self.bucket_digests_due = None;
@@ -970,7 +975,7 @@ impl Engine {
             Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
         }
         // A sender that has seen loss follows its push with a tail itself.
-        let sender_tails = header.flags & wire::FLAG_LOSS_SEEN != 0;
+        let sender_tails = header.flags & (wire::FLAG_LOSS_SEEN | wire::FLAG_TAIL_FOLLOWS) != 0;
         if missed_some && push && !sender_tails {
             self.probe_after_gap(now);
         }
@@ -1483,6 +1488,19 @@ impl Engine {
             .max(FRAGMENT_OVERHEAD + self.config.store.key_bytes_max + 1)
     }
 
+    fn header_flags(&self, message: &Message) -> u8 {
+        let mut flags = 0;
+        if self.recent(self.loss_seen_at) {
+            flags |= wire::FLAG_LOSS_SEEN;
+        }
+        let push = matches!(message, Message::Entries(Entries { repair: None, .. }))
+            || matches!(message, Message::Fragment(_));
+        if push && self.tail.is_some() {
+            flags |= wire::FLAG_TAIL_FOLLOWS;
+        }
+        flags
+    }
+
     fn send(&mut self, message: &Message) {
         if self.seq == u32::MAX {
             // A sequence never wraps within a boot, or replay windows would
@@ -1494,11 +1512,7 @@ impl Engine {
         self.seq += 1;
         let mut header = Header {
             message_type: message.message_type(),
-            flags: if self.recent(self.loss_seen_at) {
-                wire::FLAG_LOSS_SEEN
-            } else {
-                0
-            },
+            flags: self.header_flags(message),
             key_id: 0,
             sender: self.node_id,
             boot: self.boot,
@@ -1554,10 +1568,14 @@ impl Engine {
     fn flush_push(&mut self, now: u64) {
         self.last_push_at = Some(now);
         let keys: Vec<String> = std::mem::take(&mut self.pending_push).into_iter().collect();
-        let sent = self.send_pushed(keys.clone());
+        // Scheduled first, so the push tells its receivers that a tail
+        // follows (loss heard second-hand is not in our loss flag).
         let lossy = self.recent(self.loss_seen_at) || self.recent(self.loss_heard_at);
         if lossy {
             self.start_tail(now, self.config.tail_summaries);
+        }
+        let sent = self.send_pushed(keys.clone());
+        if lossy {
             let peers = self.peers.len();
             let repeat_min = self.config.tail_repeat_peers_min.max(1);
             let repeats = if peers >= 8 * repeat_min {
@@ -1852,13 +1870,74 @@ mod tests {
         assert_ne!(b.node_id(), NodeId(1));
     }
 
-    #[test]
-    fn a_summary_of_what_we_held_before_is_a_peer_behind_us_not_a_reason_to_ask() {
-        const WALL: u64 = 1_780_000_000_000;
+    const WALL: u64 = 1_780_000_000_000;
+
+    /// Two engines (node ids 1 and 2) whose wall clocks read `WALL` at
+    /// monotonic time 0.
+    fn two_engines_at_wall() -> (Engine, Engine) {
         let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
         let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
         a.set_wall_clock(0, WALL);
         b.set_wall_clock(0, WALL);
+        (a, b)
+    }
+
+    #[test]
+    fn a_push_that_says_a_tail_follows_draws_no_gap_probe() {
+        let (mut a, mut b) = two_engines_at_wall();
+        // Both settle to long Trickle intervals, apart.
+        let start = 600_000;
+        run_timers(&mut a, 0, start);
+        run_timers(&mut b, 0, start);
+        let summary_of = |engine: &mut Engine, now: u64| {
+            engine.trigger(now, TriggerReason::Manual);
+            run_timers(engine, now, now + 200).remove(0)
+        };
+        b.handle_datagram(start, &summary_of(&mut a, start));
+        let _lost = summary_of(&mut a, start + 1_000);
+        // a hears of loss second-hand only: its loss flag stays clear, yet
+        // it follows its pushes with a tail.
+        let flagged = Header {
+            flags: wire::FLAG_LOSS_SEEN,
+            ..Packet::new_checked(&forged(3, 1, &Message::Summary(a_summary(&a))))
+                .unwrap()
+                .header()
+        };
+        a.handle_datagram(
+            start + 2_000,
+            &wire::encode(&flagged, &Message::Summary(a_summary(&a))),
+        );
+        let pushed_at = start + 3_000;
+        a.set(pushed_at, WALL + pushed_at, "k", b"1").unwrap();
+        let push = run_timers(&mut a, pushed_at, pushed_at).remove(0);
+        let flags = Packet::new_checked(&push).unwrap().flags();
+        assert_eq!(
+            (
+                flags & wire::FLAG_LOSS_SEEN,
+                flags & wire::FLAG_TAIL_FOLLOWS
+            ),
+            (0, wire::FLAG_TAIL_FOLLOWS)
+        );
+        // b lost a's previous datagram: the gap would draw a summary of
+        // b's within Imin/4, but a's tail covers it.
+        let summaries_before = b.counters().summaries_sent;
+        b.handle_datagram(pushed_at + 1, &push);
+        assert_eq!(b.get("k"), Some(&b"1"[..]));
+        run_timers(&mut b, pushed_at + 1, pushed_at + 100);
+        assert_eq!(b.counters().summaries_sent, summaries_before);
+    }
+
+    fn a_summary(engine: &Engine) -> Summary {
+        Summary {
+            digest: engine.store().digest(),
+            entries: engine.store().len() as u32,
+            clock: Hlc::new(WALL, 0),
+        }
+    }
+
+    #[test]
+    fn a_summary_of_what_we_held_before_is_a_peer_behind_us_not_a_reason_to_ask() {
+        let (mut a, mut b) = two_engines_at_wall();
         let deliver = |from: &mut Engine, to: Option<&mut Engine>, now: u64| {
             from.handle_timeout(from.poll_timeout());
             let sent: Vec<Vec<u8>> = std::iter::from_fn(|| from.poll_transmit()).collect();
@@ -1987,11 +2066,7 @@ mod tests {
 
     #[test]
     fn one_forged_summary_draws_no_bucket_digests_after_a_difference_mended_by_a_push() {
-        const WALL: u64 = 1_780_000_000_000;
-        let mut a = Engine::new(Config::default(), NodeId(1), 1, 0);
-        let mut b = Engine::new(Config::default(), NodeId(2), 2, 0);
-        a.set_wall_clock(0, WALL);
-        b.set_wall_clock(0, WALL);
+        let (mut a, mut b) = two_engines_at_wall();
         a.set(0, WALL, "first", b"1").unwrap();
         a.handle_timeout(0);
         for datagram in std::iter::from_fn(|| a.poll_transmit()) {
