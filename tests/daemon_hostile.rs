@@ -441,13 +441,12 @@ fn node_id(daemon: &Daemon) -> String {
 /// case's figures are printed (`--nocapture`).
 #[test]
 fn lying_insiders_cannot_poison_keys_push_clocks_replay_deletes_or_draw_floods() {
-    let Some(lan) = Lan::new(
+    let Some(lan) = Lan::connected(
         "lying_insiders_cannot_poison_keys_push_clocks_replay_deletes_or_draw_floods",
         5,
     ) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-liars");
     let port = unique_port();
     // Gateways in nodes 0 to 3; node 4 is the insider's host.

@@ -12,10 +12,9 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[test]
 fn write_anywhere_read_everywhere() {
-    let Some(lan) = Lan::new("write_anywhere_read_everywhere", 4) else {
+    let Some(lan) = Lan::connected("write_anywhere_read_everywhere", 4) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-anywhere");
     let daemons = lan.start_all(dir.path(), unique_port(), &[]);
     for (index, daemon) in daemons.iter().enumerate() {
@@ -33,10 +32,9 @@ fn write_anywhere_read_everywhere() {
 
 #[test]
 fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
-    let Some(lan) = Lan::new("a_killed_daemon_catches_up_and_keeps_its_own_data", 3) else {
+    let Some(lan) = Lan::connected("a_killed_daemon_catches_up_and_keeps_its_own_data", 3) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-kill");
     let mut daemons = lan.start_all(dir.path(), unique_port(), &[]);
     daemons[2].set("own/2", r#""mine""#);
@@ -59,10 +57,9 @@ fn a_killed_daemon_catches_up_and_keeps_its_own_data() {
 
 #[test]
 fn a_link_that_goes_down_and_up_rejoins_by_itself() {
-    let Some(lan) = Lan::new("a_link_that_goes_down_and_up_rejoins_by_itself", 3) else {
+    let Some(lan) = Lan::connected("a_link_that_goes_down_and_up_rejoins_by_itself", 3) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-link");
     let daemons = lan.start_all(dir.path(), unique_port(), &[]);
     daemons[0].set("before", "1");
@@ -81,10 +78,9 @@ fn a_link_that_goes_down_and_up_rejoins_by_itself() {
 
 #[test]
 fn twenty_percent_loss_everywhere_still_converges() {
-    let Some(lan) = Lan::new("twenty_percent_loss_everywhere_still_converges", 4) else {
+    let Some(lan) = Lan::connected("twenty_percent_loss_everywhere_still_converges", 4) else {
         return;
     };
-    lan.connect_all();
     let port = unique_port();
     for index in 0..lan.nodes.len() {
         lan.inject_loss(index, 20, port);
@@ -171,13 +167,12 @@ fn ipv6_link_local_only_lan_syncs() {
 
 #[test]
 fn a_truncated_state_file_is_set_aside_and_the_data_resyncs() {
-    let Some(lan) = Lan::new(
+    let Some(lan) = Lan::connected(
         "a_truncated_state_file_is_set_aside_and_the_data_resyncs",
         2,
     ) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-corrupt");
     let mut daemons = lan.start_all(dir.path(), unique_port(), &[]);
     for index in 0..20 {
@@ -226,13 +221,12 @@ fn keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one() 
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let Some(lan) = Lan::new(
+    let Some(lan) = Lan::connected(
         "keys_rotate_on_three_live_gateways_without_losing_a_write_or_isolating_one",
         3,
     ) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ns-rotate");
     let old = common::gwsync(&["genkey"]).stdout.trim().to_owned();
     let new = common::gwsync(&["genkey"]).stdout.trim().to_owned();

@@ -500,10 +500,9 @@ fn listen_sees_local_and_remote_changes_in_order_on_two_gateways() {
     let Some(owrt) = Userland::find("listen_sees_local_and_remote_changes_in_order") else {
         return;
     };
-    let Some(lan) = Lan::new("listen_sees_local_and_remote_changes_in_order", 2) else {
+    let Some(lan) = Lan::connected("listen_sees_local_and_remote_changes_in_order", 2) else {
         return;
     };
-    lan.connect_all();
     let dir = TempDir::new("ubus-listen");
     let key = key_file(dir.path());
     let port = unique_port();

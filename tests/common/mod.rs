@@ -536,6 +536,13 @@ impl Lan {
             .collect()
     }
 
+    /// A LAN with every node's link up, where most tests start.
+    pub fn connected(test: &str, nodes: usize) -> Option<Lan> {
+        let lan = Lan::new(test, nodes)?;
+        lan.connect_all();
+        Some(lan)
+    }
+
     pub fn connect_all(&self) {
         for index in 0..self.nodes.len() {
             self.connect(index, true);
