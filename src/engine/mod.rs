@@ -94,13 +94,18 @@ pub struct Config {
     /// after about `Imin/4`, `Imin/2`, `Imin`..., each skipped when a
     /// summary equal to ours was heard since the previous one. One is
     /// enough: a gateway that also lost it is mended by the repair that the
-    /// others' requests bring, or asks again itself.
+    /// others' requests bring, or asks again itself. (A one-datagram push
+    /// under light loss is followed by copies instead: see
+    /// `tail_repeat_peers_min`.)
     pub tail_summaries: u32,
     /// On a lossy LAN with at least this many peers a push of one datagram
-    /// is sent once more where the first tail summary would go (twice from
-    /// eight times as many), and the summary follows: most gateways that
-    /// lost the push then need no repair round at all. With fewer peers few
-    /// lose it, and a repair round costs less than a repeat to all.
+    /// is sent again where the first tail summary would go, so most
+    /// gateways that lost it need no repair round at all: under light loss
+    /// (below 20 % of datagrams missed lately) three copies in all (four
+    /// from eight times as many peers) and no summary; under heavy loss
+    /// two (three) and the summary, so that the many that lost every copy
+    /// ask at once. With fewer peers few lose it, and a repair round costs
+    /// less than a copy to all.
     pub tail_repeat_peers_min: usize,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
@@ -150,7 +155,7 @@ impl Default for Config {
             repair_datagram_interval_ms: 2,
             loss_memory_ms: 600_000,
             tail_summaries: 1,
-            tail_repeat_peers_min: 8,
+            tail_repeat_peers_min: 4,
             gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
@@ -427,6 +432,13 @@ struct DigestsDue {
 /// little (it then lacks several changes, and asks or is asked anyway).
 const PAST_DIGESTS_KEPT: usize = 8;
 
+/// Datagrams the loss estimate reflects (about the latest this many).
+const LOSS_SAMPLE: u32 = 256;
+/// One sequence gap counts at most this many datagrams missed.
+const LOSS_GAP_COUNTED_MAX: u32 = 8;
+/// From this loss rate on, a lone push is followed by a summary.
+const LOSS_HEAVY_PERCENT: u32 = 20;
+
 /// Summaries scheduled after a push on a lossy LAN.
 #[derive(Clone, Debug)]
 struct Tail {
@@ -493,6 +505,10 @@ pub struct Engine {
     /// When a peer last advertised first-hand loss. Second-hand evidence is
     /// not advertised again, so the flag dies out when the loss stops.
     loss_heard_at: Option<u64>,
+    /// Datagrams heard from peers, and missed (sequence gaps), lately:
+    /// both halve when their sum reaches [`LOSS_SAMPLE`].
+    datagrams_heard: u32,
+    datagrams_missed: u32,
     /// The latest time passed in, for stamping outgoing headers.
     now: u64,
     last_gap_probe: Option<u64>,
@@ -560,6 +576,8 @@ impl Engine {
             repairing: false,
             loss_seen_at: None,
             loss_heard_at: None,
+            datagrams_heard: 0,
+            datagrams_missed: 0,
             now,
             last_gap_probe: None,
             tail: None,
@@ -858,7 +876,7 @@ impl Engine {
             }
             tail.due = now + tail.gap_ms;
             tail.gap_ms *= 2;
-            self.tail = (tail.remaining > 0).then_some(tail);
+            self.tail = (tail.remaining > 0 || tail.repeats_left > 0).then_some(tail);
             // Sent with the tail back in place: the repeat says a tail
             // follows, as the push did.
             if let Some(keys) = repeat {
@@ -1071,6 +1089,7 @@ impl Engine {
         let rate_max = self.config.sender_datagrams_per_sec_max.max(1);
         let keyed = self.keyring.is_some();
         let mut missed_some = false;
+        let mut sample = None;
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
@@ -1081,7 +1100,10 @@ impl Engine {
                         window.switch_boot(header.boot, header.seq);
                     }
                     Err(error) => return Err(DropReason::Replay(error)),
-                    Ok(accepted) => missed_some = matches!(accepted, Accepted::Skipped { .. }),
+                    Ok(accepted) => {
+                        missed_some = matches!(accepted, Accepted::Skipped { .. });
+                        sample = Some(accepted);
+                    }
                 }
                 if !peer.take_token(now, rate_max) {
                     return Err(DropReason::RateLimited);
@@ -1107,11 +1129,42 @@ impl Engine {
                 self.events.push_back(Event::PeerDiscovered(header.sender));
             }
         }
+        if let Some(accepted) = sample {
+            self.count_loss_sample(accepted);
+        }
         if missed_some {
             self.loss_seen_at = Some(now);
         }
         self.last_heard_other = now;
         Ok(missed_some)
+    }
+
+    fn count_loss_sample(&mut self, accepted: Accepted) {
+        match accepted {
+            // A long gap is an outage or a restart we did not see, not the
+            // loss rate; a forger's jump counts no more either.
+            Accepted::Skipped { missed } => {
+                self.datagrams_missed += missed.min(LOSS_GAP_COUNTED_MAX)
+            }
+            Accepted::Reordered => self.datagrams_missed = self.datagrams_missed.saturating_sub(1),
+            Accepted::Next | Accepted::NewBoot => {}
+        }
+        self.datagrams_heard += 1;
+        if self.datagrams_heard + self.datagrams_missed >= LOSS_SAMPLE {
+            self.datagrams_heard /= 2;
+            self.datagrams_missed /= 2;
+        }
+    }
+
+    /// Whether loss lately is heavy (or not known yet): then a lone push
+    /// is followed by a summary, so gateways that lost every copy ask at
+    /// once; under lighter loss one more copy costs the same and spares
+    /// most of those requests.
+    fn loss_is_heavy(&self) -> bool {
+        let sampled = self.datagrams_heard + self.datagrams_missed;
+        sampled < LOSS_SAMPLE / 8
+            || u64::from(self.datagrams_missed) * 100
+                >= u64::from(LOSS_HEAVY_PERCENT) * u64::from(sampled)
     }
 
     /// `missed_some`: datagrams from its sender were lost just before it.
@@ -1158,7 +1211,6 @@ impl Engine {
         // join. One summary, not a Trickle reset (RFC 6206 rule 6): a
         // reset would make every gateway that heard the difference send
         // summaries through ten doublings back to Imax.
-        self.announce_soon(now);
         let digest = self.store.digest();
         let heard_at = self
             .differences_heard
@@ -1179,6 +1231,16 @@ impl Engine {
         } else if self.repair_queue.is_empty() {
             self.differences_heard.clear();
             self.schedule_bucket_digests(now, summary.digest, behind);
+        }
+        if self.past_digests.contains(&summary.digest) {
+            self.announce_to_peer_behind(now);
+        } else if !self
+            .bucket_digests_due
+            .is_some_and(|digests| digests.request)
+        {
+            // While a request of ours is out, a summary of ours would only
+            // make every gateway ahead of us answer it.
+            self.announce_soon(now);
         }
     }
 
@@ -1222,6 +1284,28 @@ impl Engine {
     fn announce_soon(&mut self, now: u64) {
         if self.tail.is_none() {
             self.start_tail(now, 1);
+        }
+    }
+
+    /// A peer behind us (it announced what we held a few changes ago)
+    /// learns from one summary of ours that it lacks something. Every
+    /// gateway holding the same heard it too, and a hundred summaries would
+    /// go out in the same millisecond: the writer of our newest entry
+    /// answers first, the others only later, each unless an equal summary
+    /// was heard by then (the writer may be gone or have lost the peer's).
+    fn announce_to_peer_behind(&mut self, now: u64) {
+        if self.tail.is_some() {
+            return;
+        }
+        let newest_is_ours = self
+            .store
+            .newest_version()
+            .is_some_and(|version| version.origin == self.node_id);
+        if newest_is_ours {
+            self.start_tail(now, 1);
+        } else {
+            let imin = self.config.trickle.imin_ms.max(8);
+            self.start_tail_within(now, 1, imin / 2, imin / 2);
         }
     }
 
@@ -1583,9 +1667,16 @@ impl Engine {
             } else {
                 u32::from(peers >= repeat_min)
             };
+            // Under light loss one more copy replaces the summary: it costs
+            // the same, and spares the requests of the gateways that lost
+            // every copy but heard the summary.
+            let summary_follows = repeats == 0 || self.loss_is_heavy();
             if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && repeats > 0) {
                 tail.repeat = keys;
-                tail.repeats_left = repeats;
+                tail.repeats_left = repeats + u32::from(!summary_follows);
+                if !summary_follows {
+                    tail.remaining = 0;
+                }
             }
         }
     }
@@ -1607,12 +1698,18 @@ impl Engine {
     /// repair fits in well under 100 ms), the next ones after doubling gaps
     /// from `Imin/4`.
     fn start_tail(&mut self, now: u64, count: u32) {
+        let imin = self.config.trickle.imin_ms.max(8);
+        self.start_tail_within(now, count, imin / 8, imin / 8);
+    }
+
+    /// A tail whose first summary goes out in `[earliest, earliest + spread)`.
+    fn start_tail_within(&mut self, now: u64, count: u32, earliest: u64, spread: u64) {
         if count == 0 {
             return;
         }
         let imin = self.config.trickle.imin_ms.max(8);
         self.tail = Some(Tail {
-            due: now + imin / 8 + self.rng.random_range(0..imin / 8),
+            due: now + earliest + self.rng.random_range(0..spread.max(1)),
             gap_ms: imin / 4,
             remaining: count,
             consistent_heard: false,
@@ -1882,13 +1979,23 @@ mod tests {
         (a, b)
     }
 
+    /// When [`two_settled_engines`] have settled.
+    const SETTLED: u64 = 600_000;
+
+    /// [`two_engines_at_wall`], apart until `SETTLED`, by when their
+    /// Trickle intervals are long: a summary in a test's short window is
+    /// one the test drew.
+    fn two_settled_engines() -> (Engine, Engine) {
+        let (mut a, mut b) = two_engines_at_wall();
+        run_timers(&mut a, 0, SETTLED);
+        run_timers(&mut b, 0, SETTLED);
+        (a, b)
+    }
+
     #[test]
     fn a_push_that_says_a_tail_follows_draws_no_gap_probe() {
-        let (mut a, mut b) = two_engines_at_wall();
-        // Both settle to long Trickle intervals, apart.
-        let start = 600_000;
-        run_timers(&mut a, 0, start);
-        run_timers(&mut b, 0, start);
+        let (mut a, mut b) = two_settled_engines();
+        let start = SETTLED;
         let summary_of = |engine: &mut Engine, now: u64| {
             engine.trigger(now, TriggerReason::Manual);
             run_timers(engine, now, now + 200).remove(0)
@@ -1897,15 +2004,9 @@ mod tests {
         let _lost = summary_of(&mut a, start + 1_000);
         // a hears of loss second-hand only: its loss flag stays clear, yet
         // it follows its pushes with a tail.
-        let flagged = Header {
-            flags: wire::FLAG_LOSS_SEEN,
-            ..Packet::new_checked(&forged(3, 1, &Message::Summary(a_summary(&a))))
-                .unwrap()
-                .header()
-        };
         a.handle_datagram(
             start + 2_000,
-            &wire::encode(&flagged, &Message::Summary(a_summary(&a))),
+            &summary_datagram(3, 1, wire::FLAG_LOSS_SEEN, &a),
         );
         let pushed_at = start + 3_000;
         a.set(pushed_at, WALL + pushed_at, "k", b"1").unwrap();
@@ -1933,6 +2034,108 @@ mod tests {
             entries: engine.store().len() as u32,
             clock: Hlc::new(WALL, 0),
         }
+    }
+
+    /// A summary of `engine`'s data from peer `sender`, with header `flags`.
+    fn summary_datagram(sender: u64, seq: u32, flags: u8, engine: &Engine) -> Vec<u8> {
+        let message = Message::Summary(a_summary(engine));
+        let header = Header {
+            flags,
+            ..Packet::new_checked(&forged(sender, seq, &message))
+                .unwrap()
+                .header()
+        };
+        wire::encode(&header, &message)
+    }
+
+    /// When `engine` first sends anything from `from` on (its timers run
+    /// until `until`), or `None` if nothing by then.
+    fn first_send_after(engine: &mut Engine, from: u64, until: u64) -> Option<u64> {
+        run_timers_timed(engine, from, until)
+            .first()
+            .map(|&(at, _)| at)
+    }
+
+    #[test]
+    fn under_light_loss_a_lone_push_goes_out_in_copies_and_under_heavy_loss_with_a_summary() {
+        // (pushes, summaries) of a lone write, after five peers were heard
+        // with every `seq_step`-th of their sequence numbers arriving.
+        let sent_after = |seq_step: u32| {
+            let (mut a, _) = two_settled_engines();
+            let mut now = SETTLED;
+            for peer in 10..15 {
+                for n in 0..10 {
+                    now += 10;
+                    let flags = if n == 0 { wire::FLAG_LOSS_SEEN } else { 0 };
+                    a.handle_datagram(now, &summary_datagram(peer, 1 + n * seq_step, flags, &a));
+                }
+            }
+            let before = (a.counters().pushes_sent, a.counters().summaries_sent);
+            a.set(now, WALL + now, "k", b"1").unwrap();
+            run_timers(&mut a, now, now + 1_000);
+            (
+                a.counters().pushes_sent - before.0,
+                a.counters().summaries_sent - before.1,
+            )
+        };
+        assert_eq!(sent_after(1), (3, 0), "no datagram missed");
+        assert_eq!(sent_after(2), (2, 1), "every other datagram missed");
+    }
+
+    #[test]
+    fn a_peer_behind_the_group_is_answered_first_by_the_writer_of_the_newest_entry() {
+        let (mut writer, mut other) = two_settled_engines();
+        let start = SETTLED;
+        let before_the_write = summary_datagram(9, 1, 0, &other);
+        writer.set(start, WALL + start, "k", b"1").unwrap();
+        for push in run_timers(&mut writer, start, start) {
+            other.handle_datagram(start + 1, &push);
+        }
+        assert_eq!(other.get("k"), Some(&b"1"[..]));
+        // A third gateway that lost the write announces what it holds.
+        let heard_at = start + 2_000;
+        writer.handle_datagram(heard_at, &before_the_write);
+        other.handle_datagram(heard_at, &before_the_write);
+        let imin = Config::default().trickle.imin_ms;
+        let answered_at = first_send_after(&mut writer, heard_at, heard_at + 1_000).unwrap();
+        assert!(
+            answered_at - heard_at < imin / 4,
+            "{} ms",
+            answered_at - heard_at
+        );
+        // The other gateway holding the same stands by, and the writer's
+        // summary, heard first, keeps it quiet.
+        assert_eq!(
+            first_send_after(&mut other, heard_at, heard_at + imin / 2 - 1),
+            None
+        );
+        other.handle_datagram(heard_at + imin / 2 - 1, &summary_datagram(1, 5, 0, &writer));
+        assert_eq!(
+            first_send_after(&mut other, heard_at + imin / 2 - 1, heard_at + 1_000),
+            None
+        );
+    }
+
+    #[test]
+    fn a_gateway_asking_for_a_repair_does_not_announce_its_summary_again() {
+        let (mut writer, mut behind) = two_settled_engines();
+        let start = SETTLED;
+        writer.set(start, WALL + start, "k", b"1").unwrap();
+        let _lost = run_timers(&mut writer, start, start);
+        let summary_at = |engine: &mut Engine, now: u64| {
+            engine.set_wall_clock(now, WALL + now);
+            engine.trigger(now, TriggerReason::Manual);
+            run_timers(engine, now, now + 200).remove(0)
+        };
+        // The difference heard, our summary out, the difference heard again:
+        // a repair request, and no second summary of ours.
+        behind.handle_datagram(start + 1_000, &summary_at(&mut writer, start + 1_000));
+        assert!(!run_timers(&mut behind, start + 1_000, start + 1_500).is_empty());
+        let summaries = behind.counters().summaries_sent;
+        behind.handle_datagram(start + 2_000, &summary_at(&mut writer, start + 2_000));
+        run_timers(&mut behind, start + 2_000, start + 2_500);
+        assert!(behind.counters().bucket_digests_sent >= 1);
+        assert_eq!(behind.counters().summaries_sent, summaries);
     }
 
     #[test]
@@ -2052,10 +2255,20 @@ mod tests {
     }
 
     /// Runs `engine`'s timers from `now` until `until`; returns what it sent.
-    fn run_timers(engine: &mut Engine, mut now: u64, until: u64) -> Vec<Vec<u8>> {
+    fn run_timers(engine: &mut Engine, now: u64, until: u64) -> Vec<Vec<u8>> {
+        run_timers_timed(engine, now, until)
+            .into_iter()
+            .map(|(_, datagram)| datagram)
+            .collect()
+    }
+
+    /// [`run_timers`], each datagram with when it was sent.
+    fn run_timers_timed(engine: &mut Engine, mut now: u64, until: u64) -> Vec<(u64, Vec<u8>)> {
         let mut sent = Vec::new();
         loop {
-            sent.extend(std::iter::from_fn(|| engine.poll_transmit()));
+            sent.extend(
+                std::iter::from_fn(|| engine.poll_transmit()).map(|datagram| (now, datagram)),
+            );
             now = now.max(engine.poll_timeout());
             if now > until {
                 return sent;

@@ -377,6 +377,17 @@ impl Store {
             .unwrap_or(Hlc::ZERO)
     }
 
+    /// The version of the newest entry held: every gateway holding the same
+    /// data agrees on it.
+    pub fn newest_version(&self) -> Option<Version> {
+        let bucket = self
+            .buckets
+            .iter()
+            .filter(|bucket| bucket.entries.len() > 0)
+            .max_by_key(|bucket| bucket.max_hlc)?;
+        bucket.entries.versions().max()
+    }
+
     /// Checks a key and value against the limits without storing anything.
     /// The one check every key passes, whatever brought it (CLI, control
     /// socket, C API, network, state file).
