@@ -15,7 +15,8 @@
 //!  3  type         u8   MessageType
 //!  4  flags        u8   bit 0: payload encrypted; bit 1: the sender saw
 //!                       loss lately (peers then follow pushes with tails);
-//!                       bit 2: a tail follows this push
+//!                       bit 2: this push is repeated or followed by a
+//!                       summary
 //!  5  key id       u8   which group key sealed the payload (0: none)
 //!  6  reserved     u16  zero
 //!  8  sender       u64  node id
@@ -60,8 +61,9 @@ pub const BUCKET_DIGESTS_PREFIX: usize = 8 + 2 + 2 + 2;
 
 pub const FLAG_ENCRYPTED: u8 = 1;
 pub const FLAG_LOSS_SEEN: u8 = 2;
-/// On a push: its sender follows it with a tail (it has seen or heard of
-/// loss lately), so a receiver that notices a gap before it need not probe.
+/// On a push: its sender repeats it or follows it with a summary (it has
+/// seen or heard of loss lately), so a receiver that notices a gap before
+/// it need not probe.
 pub const FLAG_TAIL_FOLLOWS: u8 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

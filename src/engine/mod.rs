@@ -876,11 +876,15 @@ impl Engine {
             }
             tail.due = now + tail.gap_ms;
             tail.gap_ms *= 2;
-            self.tail = (tail.remaining > 0 || tail.repeats_left > 0).then_some(tail);
-            // Sent with the tail back in place: the repeat says a tail
-            // follows, as the push did.
+            let finished = tail.remaining == 0 && tail.repeats_left == 0;
+            // Sent with the tail in place, the last copy too: a receiver's
+            // gap just before a copy is most likely the copies it lost.
+            self.tail = Some(tail);
             if let Some(keys) = repeat {
                 self.send_pushed(keys);
+            }
+            if finished {
+                self.tail = None;
             }
         }
         if let Some(mut digests) = self.bucket_digests_due.filter(|d| d.due <= now) {
@@ -2059,7 +2063,8 @@ mod tests {
     #[test]
     fn under_light_loss_a_lone_push_goes_out_in_copies_and_under_heavy_loss_with_a_summary() {
         // (pushes, summaries) of a lone write, after five peers were heard
-        // with every `seq_step`-th of their sequence numbers arriving.
+        // with every `seq_step`-th of their sequence numbers arriving; each
+        // push says that more follows, the last copy too.
         let sent_after = |seq_step: u32| {
             let (mut a, _) = two_settled_engines();
             let mut now = SETTLED;
@@ -2070,13 +2075,25 @@ mod tests {
                     a.handle_datagram(now, &summary_datagram(peer, 1 + n * seq_step, flags, &a));
                 }
             }
-            let before = (a.counters().pushes_sent, a.counters().summaries_sent);
             a.set(now, WALL + now, "k", b"1").unwrap();
-            run_timers(&mut a, now, now + 1_000);
-            (
-                a.counters().pushes_sent - before.0,
-                a.counters().summaries_sent - before.1,
-            )
+            let headers: Vec<Header> = run_timers(&mut a, now, now + 1_000)
+                .iter()
+                .map(|datagram| Packet::new_checked(datagram).unwrap().header())
+                .collect();
+            let pushes: Vec<&Header> = headers
+                .iter()
+                .filter(|header| header.message_type == wire::MessageType::Entries)
+                .collect();
+            assert!(
+                pushes
+                    .iter()
+                    .all(|header| header.flags & wire::FLAG_TAIL_FOLLOWS != 0)
+            );
+            let summaries = headers
+                .iter()
+                .filter(|header| header.message_type == wire::MessageType::Summary)
+                .count();
+            (pushes.len(), summaries)
         };
         assert_eq!(sent_after(1), (3, 0), "no datagram missed");
         assert_eq!(sent_after(2), (2, 1), "every other datagram missed");
