@@ -14,3 +14,6 @@ network_get_device() {
 	done < "$IPKG_INSTROOT/.fixture/network"
 	return 1
 }
+
+# network_flush_cache: the fixture is read afresh every time.
+network_flush_cache() { :; }

@@ -19,6 +19,11 @@ procd_close_service() {
 	# Like procd.sh: the triggers are collected when the service is sent.
 	service_triggers
 	_procd_record procd_close_service "$@"
+	# What happens meanwhile elsewhere (netifd bringing a network up), once.
+	if [ -f "$IPKG_INSTROOT/.fixture/on_close_service" ]; then
+		. "$IPKG_INSTROOT/.fixture/on_close_service"
+		rm -f "$IPKG_INSTROOT/.fixture/on_close_service"
+	fi
 }
 procd_open_instance() { _procd_record procd_open_instance "$@"; }
 procd_close_instance() { _procd_record procd_close_instance "$@"; }
