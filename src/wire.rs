@@ -30,7 +30,8 @@
 //!
 //! ```text
 //! Summary        digest u64, entries u32, clock u64
-//! Entries        repair u8 (0 push, 1 repair) [bucket u16, bucket digest u64]
+//! Entries        kind u8 (bit 0: a repair, bit 1: the sender's digest
+//!                follows) [bucket u16, bucket digest u64] [digest u64]
 //!                count u16, count x entry
 //!   entry        key_len u16, key, hlc u64, origin u64, kind u8 (0 tombstone,
 //!                1 value) [value_len u32, value]
@@ -54,7 +55,9 @@ pub const ENTRY_OVERHEAD: usize = 2 + 8 + 8 + 1 + 4;
 /// Bytes a fragment adds besides its key and chunk.
 pub const FRAGMENT_OVERHEAD: usize = 2 + 8 + 8 + 4 + 4 + 2;
 /// Bytes of an Entries payload before its entries.
-pub const ENTRIES_PREFIX_MAX: usize = 1 + 2 + 8 + 2;
+pub const ENTRIES_PREFIX_MAX: usize = 1 + 2 + 8 + 8 + 2;
+const ENTRIES_REPAIR: u8 = 1;
+const ENTRIES_DIGEST: u8 = 2;
 /// Bytes of one bucket in a BucketDigests payload.
 pub const BUCKET_DIGEST_LEN: usize = 2 + 8 + 2 + 8;
 pub const BUCKET_DIGESTS_PREFIX: usize = 8 + 2 + 2 + 2;
@@ -131,6 +134,13 @@ pub struct RepairTag {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entries {
     pub repair: Option<RepairTag>,
+    /// The sender's data digest (as in its summary) as of this datagram, on
+    /// the last datagram of a push: a receiver that still differs after
+    /// merging the push lacks something else (a gateway that lost every
+    /// copy of an earlier update learns it at the next push from anyone,
+    /// not at the next Trickle summary), and one that matches needs no
+    /// probe for a gap.
+    pub digest: Option<u64>,
     pub entries: Vec<WireEntry>,
 }
 
@@ -450,13 +460,20 @@ impl Message {
                 out.extend_from_slice(&summary.clock.0.to_be_bytes());
             }
             Message::Entries(entries) => {
-                match entries.repair {
-                    None => out.push(0),
-                    Some(tag) => {
-                        out.push(1);
-                        out.extend_from_slice(&tag.bucket.to_be_bytes());
-                        out.extend_from_slice(&tag.digest.to_be_bytes());
-                    }
+                let mut kind = 0;
+                if entries.repair.is_some() {
+                    kind |= ENTRIES_REPAIR;
+                }
+                if entries.digest.is_some() {
+                    kind |= ENTRIES_DIGEST;
+                }
+                out.push(kind);
+                if let Some(tag) = entries.repair {
+                    out.extend_from_slice(&tag.bucket.to_be_bytes());
+                    out.extend_from_slice(&tag.digest.to_be_bytes());
+                }
+                if let Some(digest) = entries.digest {
+                    out.extend_from_slice(&digest.to_be_bytes());
                 }
                 out.extend_from_slice(&(entries.entries.len() as u16).to_be_bytes());
                 for entry in &entries.entries {
@@ -498,13 +515,22 @@ impl Message {
                 clock: Hlc(reader.u64()?),
             }),
             MessageType::Entries => {
-                let repair = match reader.u8()? {
-                    0 => None,
-                    1 => Some(RepairTag {
+                let kind = reader.u8()?;
+                if kind & !(ENTRIES_REPAIR | ENTRIES_DIGEST) != 0 {
+                    return Err(DecodeError::Malformed);
+                }
+                let repair = if kind & ENTRIES_REPAIR != 0 {
+                    Some(RepairTag {
                         bucket: reader.u16()?,
                         digest: reader.u64()?,
-                    }),
-                    _ => return Err(DecodeError::Malformed),
+                    })
+                } else {
+                    None
+                };
+                let digest = if kind & ENTRIES_DIGEST != 0 {
+                    Some(reader.u64()?)
+                } else {
+                    None
                 };
                 let count = reader.u16()? as usize;
                 // Each entry takes at least ENTRY_OVERHEAD - 4 bytes, so a
@@ -530,7 +556,11 @@ impl Message {
                         value,
                     });
                 }
-                Message::Entries(Entries { repair, entries })
+                Message::Entries(Entries {
+                    repair,
+                    digest,
+                    entries,
+                })
             }
             MessageType::Fragment => {
                 let key = reader.key()?;
@@ -672,6 +702,7 @@ mod tests {
                 bucket: 0x0102,
                 digest: 0x1122_3344_5566_7788,
             }),
+            digest: Some(0x0a0b_0c0d_0e0f_1011),
             entries: vec![WireEntry {
                 key: "k".into(),
                 version: Version {
@@ -686,8 +717,9 @@ mod tests {
         assert_eq!(
             bytes[HEADER_LEN..],
             [
-                1, 0x01, 0x02, // repair, bucket
+                3, 0x01, 0x02, // kind (a repair, a digest follows), bucket
                 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // bucket digest
+                0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10, 0x11, // sender's digest
                 0, 1, // count
                 0, 1, b'k', // key
                 0, 0, 0, 0, 0, 1, 0, 2, // hlc
@@ -697,6 +729,9 @@ mod tests {
         );
         assert_eq!(bytes[3], MessageType::Entries as u8);
         assert_eq!(decode(&bytes).unwrap(), (head, message));
+        let mut unknown_kind = bytes.clone();
+        unknown_kind[HEADER_LEN] = 4;
+        assert_eq!(decode(&unknown_kind), Err(DecodeError::Malformed));
     }
 
     #[test]
@@ -805,6 +840,7 @@ mod tests {
                     bucket: 7,
                     digest: 99,
                 }),
+                digest: None,
                 entries: vec![
                     WireEntry {
                         key: "scene/1".into(),
@@ -860,6 +896,7 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let message = Message::Entries(Entries {
             repair: None,
+            digest: Some(1),
             entries: vec![WireEntry {
                 key: "k".into(),
                 version: Version::default(),

@@ -89,6 +89,7 @@ fn sealed(keyring: &Keyring, header: Header, message: &Message) -> Vec<u8> {
 fn evil_entries(key: &str) -> Message {
     Message::Entries(Entries {
         repair: None,
+        digest: None,
         entries: vec![WireEntry {
             key: key.into(),
             version: Version {
@@ -471,6 +472,7 @@ fn lying_insiders_cannot_poison_keys_push_clocks_replay_deletes_or_draw_floods()
     //    write of p.
     let poison = Message::Entries(Entries {
         repair: None,
+        digest: None,
         entries: vec![WireEntry {
             key: "p".into(),
             version: Version {
@@ -567,6 +569,7 @@ fn lying_insiders_cannot_poison_keys_push_clocks_replay_deletes_or_draw_floods()
     // has handled the whole replay before it.
     insider.send(&Message::Entries(Entries {
         repair: None,
+        digest: None,
         entries: vec![WireEntry {
             key: "insider/after-replay".into(),
             version: Version {

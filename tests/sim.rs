@@ -676,6 +676,41 @@ fn a_lone_write_leaves_at_once_and_writes_within_the_window_leave_together() {
 const WALL: u64 = gwsync::sim::WALL_EPOCH_MS;
 
 #[test]
+fn a_gateway_that_missed_an_update_learns_it_from_the_next_push_of_anyone() {
+    for seed in seeds(8) {
+        let mut sim = new_sim(seed, 3, Medium::default());
+        let mut oracle = Oracle::default();
+        oracle.write(&mut sim, 0, "room/1", Some(b"0"));
+        settle(&mut sim, &oracle, seed, 10 * MINUTE);
+        // Trickle intervals are at Imax (64 s) by now: a summary within the
+        // second after the next write would be chance.
+        sim.run_for(20 * 64_000);
+        sim.set_partition(2, 1);
+        oracle.write(&mut sim, 0, "room/1", Some(b"missed"));
+        sim.run_for(1_000);
+        assert_eq!(
+            data(&sim, 2).get("room/1").map(Vec::as_slice),
+            Some(&b"0"[..])
+        );
+        sim.heal();
+        let summaries_before: u64 = (0..3)
+            .map(|node| engine(&sim, node).counters().summaries_sent)
+            .sum();
+        oracle.write(&mut sim, 1, "room/2", Some(b"next"));
+        let took = sim.run_until_condition(1_000, |sim| data(sim, 2) == oracle.expected());
+        assert!(
+            took.is_some(),
+            "seed {seed}: gateway 2 still lacks the missed update a second after the next push"
+        );
+        let summaries: u64 = (0..3)
+            .map(|node| engine(&sim, node).counters().summaries_sent)
+            .sum::<u64>()
+            - summaries_before;
+        assert!(summaries <= 3, "seed {seed}: {summaries} summaries");
+    }
+}
+
+#[test]
 fn gateways_that_lost_a_push_are_mended_by_about_one_request_and_one_answer() {
     for seed in seeds(2) {
         let n = 32;

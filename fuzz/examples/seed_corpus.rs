@@ -31,6 +31,7 @@ fn messages() -> Vec<Message> {
         }),
         Message::Entries(Entries {
             repair: None,
+            digest: Some(9),
             entries: vec![
                 WireEntry {
                     key: "scene/evening".into(),
@@ -49,6 +50,7 @@ fn messages() -> Vec<Message> {
                 bucket: 17,
                 digest: 5,
             }),
+            digest: None,
             entries: vec![WireEntry {
                 key: "home".into(),
                 version,

@@ -57,6 +57,7 @@ enum FuzzMessage {
     },
     Entries {
         repair: Option<(u16, u64)>,
+        digest: Option<(bool, u64)>,
         entries: Vec<FuzzEntry>,
     },
     Fragment {
@@ -140,8 +141,14 @@ impl World {
                 entries,
                 clock: self.stamp(clock),
             }),
-            FuzzMessage::Entries { repair, entries } => Message::Entries(Entries {
+            FuzzMessage::Entries {
+                repair,
+                digest,
+                entries,
+            } => Message::Entries(Entries {
                 repair: repair.map(|(bucket, digest)| RepairTag { bucket, digest }),
+                digest: digest
+                    .map(|(same_digest, digest)| if same_digest { store.digest() } else { digest }),
                 entries: entries
                     .into_iter()
                     .take(20)

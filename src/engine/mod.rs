@@ -439,6 +439,19 @@ const LOSS_GAP_COUNTED_MAX: u32 = 8;
 /// From this loss rate on, a lone push is followed by a summary.
 const LOSS_HEAVY_PERCENT: u32 = 20;
 
+/// What a summary (or a push carrying its sender's digest) told.
+#[derive(Clone, Copy, Debug)]
+struct Heard {
+    digest: u64,
+    /// The sender's clock (of a push: its newest entry).
+    clock: Hlc,
+    /// Our clock before the datagram.
+    seen_before: Hlc,
+    /// Datagrams from its sender were lost just before it.
+    missed_some: bool,
+    on_push: bool,
+}
+
 /// Summaries scheduled after a push on a lossy LAN.
 #[derive(Clone, Debug)]
 struct Tail {
@@ -985,20 +998,53 @@ impl Engine {
             Message::Fragment(_) => true,
             Message::Summary(_) | Message::BucketDigests(_) => false,
         };
+        let mut summarised = false;
         match message {
             Message::Summary(summary) => {
-                if let Some(peer) = self.peers.get_mut(&header.sender) {
-                    peer.last_digest = Some(summary.digest);
+                if summary.clock > self.remote_limit() {
+                    return self.count_drop(DropReason::ClockAhead);
                 }
-                self.on_summary(now, summary, missed_some)
+                let seen_before = self.clock.high_water();
+                let heard = Heard {
+                    digest: summary.digest,
+                    clock: summary.clock,
+                    seen_before,
+                    missed_some,
+                    on_push: false,
+                };
+                self.on_summary(now, header.sender, heard)
             }
-            Message::Entries(entries) => self.on_entries(now, header.sender, entries),
+            Message::Entries(entries) => {
+                let seen_before = self.clock.high_water();
+                // Entries from beyond the clock bound were refused (and
+                // counted) one by one: their digest tells nothing.
+                let newest = entries.entries.iter().map(|entry| entry.version.hlc).max();
+                let heard = entries
+                    .digest
+                    .zip(newest)
+                    .filter(|&(_, newest)| newest <= self.remote_limit());
+                self.on_entries(now, header.sender, entries);
+                if let Some((digest, newest)) = heard {
+                    summarised = true;
+                    let heard = Heard {
+                        digest,
+                        clock: newest,
+                        seen_before,
+                        missed_some,
+                        on_push: true,
+                    };
+                    self.on_summary(now, header.sender, heard);
+                }
+            }
             Message::Fragment(fragment) => self.on_fragment(now, header.sender, fragment),
             Message::BucketDigests(digests) => self.on_bucket_digests(now, digests),
         }
         // A sender that has seen loss follows its push with a tail itself.
         let sender_tails = header.flags & (wire::FLAG_LOSS_SEEN | wire::FLAG_TAIL_FOLLOWS) != 0;
-        if missed_some && push && !sender_tails {
+        // A push whose digest matches ours after merging shows the gap lost
+        // nothing we lack; one that differs has been dealt with as a
+        // summary.
+        if missed_some && push && !sender_tails && !summarised {
             self.probe_after_gap(now);
         }
     }
@@ -1171,26 +1217,36 @@ impl Engine {
                 >= u64::from(LOSS_HEAVY_PERCENT) * u64::from(sampled)
     }
 
-    /// `missed_some`: datagrams from its sender were lost just before it.
-    fn on_summary(&mut self, now: u64, summary: Summary, missed_some: bool) {
-        if summary.clock > self.remote_limit() {
-            return self.count_drop(DropReason::ClockAhead);
+    /// A peer's digest, from its summary or its push (then compared with
+    /// ours after the push was merged).
+    fn on_summary(&mut self, now: u64, sender: NodeId, heard: Heard) {
+        if let Some(peer) = self.peers.get_mut(&sender) {
+            peer.last_digest = Some(heard.digest);
         }
-        // Newer than anything we have seen: the sender holds something we
+        // Newer than anything we had seen: the sender holds something we
         // lack (a lost push, most likely), so our digests ask for it;
         // unless it announces what we held before, and lacks what we got.
-        let behind =
-            summary.clock > self.clock.high_water() && !self.past_digests.contains(&summary.digest);
-        self.clock.observe(summary.clock);
-        if summary.digest == self.store.digest() {
+        let peer_behind_us = self.past_digests.contains(&heard.digest);
+        let behind = heard.clock > heard.seen_before && !peer_behind_us;
+        self.clock.observe(heard.clock);
+        if heard.digest == self.store.digest() {
             self.differences_heard.clear();
-            self.trickle.hear_consistent();
-            if let Some(tail) = self.tail.as_mut() {
-                tail.consistent_heard = true;
+            // A push is not a summary for Trickle or a tail: every summary
+            // it suppressed would be one chance fewer for a gateway that
+            // lost the push to learn of it.
+            if !heard.on_push {
+                self.trickle.hear_consistent();
+                if let Some(tail) = self.tail.as_mut() {
+                    tail.consistent_heard = true;
+                }
             }
             return;
         }
-        self.loss_seen_at = Some(now);
+        // A push's digest also differs when another gateway wrote at the
+        // same time: loss is what the exchange that follows shows, if any.
+        if !heard.on_push {
+            self.loss_seen_at = Some(now);
+        }
         // Method steps 3 and 4 at bucket level: answer with our bucket
         // digests; whichever side holds newer buckets then sends them.
         //
@@ -1198,9 +1254,9 @@ impl Engine {
         // have seen and we just missed datagrams of its (a lost push and
         // its repeats): our digests, if they fit one datagram, ask for the
         // repair at once.
-        if behind && missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
+        if behind && heard.missed_some && self.repair_queue.is_empty() && self.digests_fit_one() {
             self.differences_heard.clear();
-            self.schedule_bucket_digests(now, summary.digest, true);
+            self.schedule_bucket_digests(now, heard.digest, true);
             return;
         }
         // Otherwise digests (up to 5 kB) answer a difference only when it
@@ -1219,7 +1275,7 @@ impl Engine {
         let heard_at = self
             .differences_heard
             .iter()
-            .find(|&&(theirs, _)| theirs == summary.digest)
+            .find(|&&(theirs, _)| theirs == heard.digest)
             .map(|&(_, at)| at);
         let confirmed = match (heard_at, self.announced) {
             (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
@@ -1230,13 +1286,13 @@ impl Engine {
                 if self.differences_heard.len() == DIFFERENCES_HELD {
                     self.differences_heard.pop_front();
                 }
-                self.differences_heard.push_back((summary.digest, now));
+                self.differences_heard.push_back((heard.digest, now));
             }
         } else if self.repair_queue.is_empty() {
             self.differences_heard.clear();
-            self.schedule_bucket_digests(now, summary.digest, behind);
+            self.schedule_bucket_digests(now, heard.digest, behind);
         }
-        if self.past_digests.contains(&summary.digest) {
+        if peer_behind_us {
             self.announce_to_peer_behind(now);
         } else if !self
             .bucket_digests_due
@@ -1742,6 +1798,7 @@ impl Engine {
             if batch_bytes + len > room {
                 self.send(&Message::Entries(Entries {
                     repair,
+                    digest: None,
                     entries: std::mem::take(&mut batch),
                 }));
                 sent += 1;
@@ -1755,8 +1812,15 @@ impl Engine {
             });
         }
         if !batch.is_empty() || (sent == 0 && repair.is_some()) {
+            // The last datagram of a push tells our digest: it is our
+            // summary too.
+            let digest = repair.is_none().then(|| self.store.digest());
+            if let Some(digest) = digest {
+                self.announced = Some((digest, self.now));
+            }
             self.send(&Message::Entries(Entries {
                 repair,
+                digest,
                 entries: batch,
             }));
             sent += 1;
@@ -2012,10 +2076,14 @@ mod tests {
             start + 2_000,
             &summary_datagram(3, 1, wire::FLAG_LOSS_SEEN, &a),
         );
+        // A value in fragments: no fragment carries its sender's digest,
+        // so the flag is all a receiver has to go by.
         let pushed_at = start + 3_000;
-        a.set(pushed_at, WALL + pushed_at, "k", b"1").unwrap();
-        let push = run_timers(&mut a, pushed_at, pushed_at).remove(0);
-        let flags = Packet::new_checked(&push).unwrap().flags();
+        let value = vec![b'v'; 3_000];
+        a.set(pushed_at, WALL + pushed_at, "k", &value).unwrap();
+        let push = run_timers(&mut a, pushed_at, pushed_at);
+        assert!(push.len() > 1);
+        let flags = Packet::new_checked(&push[0]).unwrap().flags();
         assert_eq!(
             (
                 flags & wire::FLAG_LOSS_SEEN,
@@ -2026,10 +2094,42 @@ mod tests {
         // b lost a's previous datagram: the gap would draw a summary of
         // b's within Imin/4, but a's tail covers it.
         let summaries_before = b.counters().summaries_sent;
-        b.handle_datagram(pushed_at + 1, &push);
-        assert_eq!(b.get("k"), Some(&b"1"[..]));
+        for datagram in &push {
+            b.handle_datagram(pushed_at + 1, datagram);
+        }
+        assert_eq!(b.get("k"), Some(&value[..]));
         run_timers(&mut b, pushed_at + 1, pushed_at + 100);
         assert_eq!(b.counters().summaries_sent, summaries_before);
+    }
+
+    #[test]
+    fn a_gap_before_a_push_whose_digest_matches_ours_draws_no_probe() {
+        let (mut a, mut b) = two_settled_engines();
+        let start = SETTLED;
+        a.trigger(start, TriggerReason::Manual);
+        b.handle_datagram(start, &run_timers(&mut a, start, start + 200).remove(0));
+        a.trigger(start + 1_000, TriggerReason::Manual);
+        let _lost = run_timers(&mut a, start + 1_000, start + 1_200);
+        let pushed_at = start + 3_000;
+        a.set(pushed_at, WALL + pushed_at, "k", b"1").unwrap();
+        let push = run_timers(&mut a, pushed_at, pushed_at).remove(0);
+        let (header, message) = wire::decode(&push).unwrap();
+        assert_eq!(header.flags, 0, "a clean LAN's push promises no tail");
+        let Message::Entries(Entries {
+            digest: Some(digest),
+            ..
+        }) = message
+        else {
+            panic!("the push carries no digest: {message:?}")
+        };
+        assert_eq!(digest, a.store().digest());
+        // b missed a's previous datagram, but after the push it holds what
+        // a holds: nothing is missing, and nothing is asked.
+        let sent_before = b.counters().datagrams_sent;
+        b.handle_datagram(pushed_at + 1, &push);
+        assert_eq!(b.store().digest(), a.store().digest());
+        run_timers(&mut b, pushed_at + 1, pushed_at + 1_000);
+        assert_eq!(b.counters().datagrams_sent, sent_before);
     }
 
     fn a_summary(engine: &Engine) -> Summary {

@@ -10,6 +10,10 @@
 //!   to its periodic rhythm, minus the periodic traffic of that time;
 //! - convergence p50/p99: virtual ms from the write until every gateway
 //!   holds it (over seeds x updates);
+//! - stream: one gateway writes a new key every 100 ms, 50 times (a busy
+//!   device mirrored to the group; the namespace bench writes so too):
+//!   convergence p99 per write and datagrams per write, so a gateway that
+//!   lost an update can learn of it from the writes that follow;
 //! - steady datagrams per Imax interval for the whole group;
 //! - join: a fresh gateway joins a group holding `join_keys` keys (about
 //!   100 bytes each): bytes sent by everyone until it holds everything,
@@ -117,6 +121,8 @@ pub struct Row {
     pub bytes_per_update: f64,
     pub converge_ms_p50: u64,
     pub converge_ms_p99: u64,
+    pub stream_converge_ms_p99: u64,
+    pub stream_datagrams_per_write: f64,
     pub steady_datagrams_per_interval: f64,
     /// `None`: not simulated (see [`row_jobs`]).
     pub join_bytes_ratio: Option<f64>,
@@ -223,6 +229,78 @@ fn measure_updates(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) 
     figures
 }
 
+/// Writes in the stream, and the gap between two.
+const STREAM_WRITES: usize = 50;
+const STREAM_GAP_MS: u64 = 100;
+
+struct StreamFigures {
+    converge_ms: Vec<u64>,
+    datagrams_per_write: f64,
+}
+
+/// Gateway 0 of a settled group writes a new key every `STREAM_GAP_MS`;
+/// per write, the virtual ms until every gateway holds it.
+fn measure_stream(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> StreamFigures {
+    let imax = plan.config.trickle.imax_ms;
+    let mut sim = Sim::new(seed, n, Medium::default(), system.factory(&plan.config));
+    for i in 0..10 {
+        sim.write(i % n, &format!("room/{i}"), Some(b"{\"name\":\"room\"}"));
+    }
+    sim.run_for(20 * imax);
+    let before = sim.traffic();
+    sim.run_for(10 * imax);
+    let steady_per_ms = (sim.traffic().datagrams - before.datagrams) as f64 / (10 * imax) as f64;
+    sim.set_medium(medium(loss));
+    let start = sim.now();
+    let before = sim.traffic();
+    let mut pending: Vec<(String, Vec<u8>, u64)> = Vec::new();
+    let mut converge_ms = Vec::new();
+    let mut written = 0;
+    while written < STREAM_WRITES || !pending.is_empty() {
+        let next_write_at = start + written as u64 * STREAM_GAP_MS;
+        if written < STREAM_WRITES && sim.now() >= next_write_at {
+            let key = format!("stream/{written}");
+            let value = format!("{{\"n\":{written}}}").into_bytes();
+            sim.write(0, &key, Some(&value));
+            pending.push((key, value, sim.now()));
+            written += 1;
+            continue;
+        }
+        let limit = if written < STREAM_WRITES {
+            next_write_at - sim.now()
+        } else {
+            LIMIT_MS
+        };
+        let some_held = sim.run_until_condition(limit, |sim| {
+            pending
+                .iter()
+                .any(|(key, value, _)| holds_everywhere(sim, key, value))
+        });
+        if some_held.is_none() && written == STREAM_WRITES {
+            panic!(
+                "{} n={n} loss={loss} seed={seed}: a stream write did not converge",
+                system.name()
+            );
+        }
+        let now = sim.now();
+        pending.retain(|(key, value, at)| {
+            let held = holds_everywhere(&sim, key, value);
+            if held {
+                converge_ms.push(now - at);
+            }
+            !held
+        });
+    }
+    sim.run_until_condition(LIMIT_MS, Sim::settled)
+        .unwrap_or_else(|| panic!("{} n={n} seed={seed}: stream did not settle", system.name()));
+    let elapsed = (sim.now() - start) as f64;
+    let datagrams = (sim.traffic().datagrams - before.datagrams) as f64 - steady_per_ms * elapsed;
+    StreamFigures {
+        converge_ms,
+        datagrams_per_write: datagrams.max(0.0) / STREAM_WRITES as f64,
+    }
+}
+
 /// Returns (bytes sent by everyone / store bytes, virtual ms to converge);
 /// the time is `None` when the joiner had not converged by the limit.
 fn measure_join(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> (f64, Option<u64>) {
@@ -299,12 +377,14 @@ fn measure_partition(plan: &Plan, system: System, n: usize, seed: u64) -> usize 
 #[derive(Clone, Copy)]
 enum Job {
     Updates { seed: u64 },
+    Stream { seed: u64 },
     Join,
     Partition,
 }
 
 enum Outcome {
     Updates(UpdateFigures),
+    Stream(StreamFigures),
     Join((f64, Option<u64>)),
     Partition(usize),
 }
@@ -314,6 +394,7 @@ type RowKey = (System, usize, u32);
 
 fn row_jobs(plan: &Plan, (system, n, loss): RowKey) -> Vec<Job> {
     let mut jobs: Vec<Job> = (0..plan.seeds).map(|seed| Job::Updates { seed }).collect();
+    jobs.extend((0..plan.seeds).map(|seed| Job::Stream { seed }));
     // One join per row: a join is a thousand-datagram transfer whose figure
     // moves little from seed to seed.
     // The bare method at N >= 32 under loss re-sends the whole set from
@@ -334,6 +415,7 @@ fn row_jobs(plan: &Plan, (system, n, loss): RowKey) -> Vec<Job> {
 fn run_job(plan: &Plan, (system, n, loss): RowKey, job: Job) -> Outcome {
     match job {
         Job::Updates { seed } => Outcome::Updates(measure_updates(plan, system, n, loss, seed)),
+        Job::Stream { seed } => Outcome::Stream(measure_stream(plan, system, n, loss, seed)),
         Job::Join => Outcome::Join(measure_join(plan, system, n, loss, 0)),
         Job::Partition => Outcome::Partition(measure_partition(plan, system, n, 0)),
     }
@@ -345,6 +427,8 @@ fn row_from(plan: &Plan, (system, n, loss): RowKey, outcomes: Vec<Outcome>) -> R
     let mut bytes = Vec::new();
     let mut converge = Vec::new();
     let mut steady = Vec::new();
+    let mut stream_converge = Vec::new();
+    let mut stream_datagrams = Vec::new();
     let mut joins = Vec::new();
     let mut partition_writes_kept = None;
     for outcome in outcomes {
@@ -355,11 +439,16 @@ fn row_from(plan: &Plan, (system, n, loss): RowKey, outcomes: Vec<Outcome>) -> R
                 converge.extend(figures.converge_ms);
                 steady.push(figures.steady_per_interval);
             }
+            Outcome::Stream(figures) => {
+                stream_converge.extend(figures.converge_ms);
+                stream_datagrams.push(figures.datagrams_per_write);
+            }
             Outcome::Join(join) => joins.push(join),
             Outcome::Partition(kept) => partition_writes_kept = Some(kept),
         }
     }
     converge.sort_unstable();
+    stream_converge.sort_unstable();
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
     Row {
         system,
@@ -370,6 +459,8 @@ fn row_from(plan: &Plan, (system, n, loss): RowKey, outcomes: Vec<Outcome>) -> R
         bytes_per_update: mean(&bytes),
         converge_ms_p50: percentile(&converge, 50.0),
         converge_ms_p99: percentile(&converge, 99.0),
+        stream_converge_ms_p99: percentile(&stream_converge, 99.0),
+        stream_datagrams_per_write: mean(&stream_datagrams),
         steady_datagrams_per_interval: mean(&steady),
         join_bytes_ratio: (!joins.is_empty())
             .then(|| mean(&joins.iter().map(|j| j.0).collect::<Vec<_>>())),
@@ -462,7 +553,7 @@ pub fn run(plan: &Plan, mut each: impl FnMut(&Row)) -> Vec<Row> {
     rows
 }
 
-pub const TABLE_HEADER: &str = "system          n loss%  k dgrams/upd  bytes/upd conv_p50 conv_p99  steady/I   join_x   join_ms part_kept seeds";
+pub const TABLE_HEADER: &str = "system          n loss%  k dgrams/upd  bytes/upd conv_p50 conv_p99 strm_p99 dgrams/wr  steady/I   join_x   join_ms part_kept seeds";
 
 impl Row {
     /// The row as a line of the text table under [`TABLE_HEADER`].
@@ -480,7 +571,7 @@ impl Row {
             ),
         };
         format!(
-            "{:<12} {:>4} {:>5} {:>2} {:>10.2} {:>10.0} {:>8} {:>8} {:>9.2} {:>8} {:>9} {:>9} {:>5}",
+            "{:<12} {:>4} {:>5} {:>2} {:>10.2} {:>10.0} {:>8} {:>8} {:>8} {:>9.2} {:>9.2} {:>8} {:>9} {:>9} {:>5}",
             self.system.name(),
             self.n,
             self.loss,
@@ -489,6 +580,8 @@ impl Row {
             self.bytes_per_update,
             self.converge_ms_p50,
             self.converge_ms_p99,
+            self.stream_converge_ms_p99,
+            self.stream_datagrams_per_write,
             self.steady_datagrams_per_interval,
             join_x,
             join_ms,
@@ -504,6 +597,8 @@ impl Row {
             "datagrams_per_update": self.datagrams_per_update,
             "bytes_per_update": self.bytes_per_update,
             "converge_ms_p50": self.converge_ms_p50, "converge_ms_p99": self.converge_ms_p99,
+            "stream_converge_ms_p99": self.stream_converge_ms_p99,
+            "stream_datagrams_per_write": self.stream_datagrams_per_write,
             "steady_datagrams_per_interval": self.steady_datagrams_per_interval,
             "join_bytes_ratio": self.join_bytes_ratio, "join_converge_ms": self.join_converge_ms,
             "partition_writes_kept": self.partition_writes_kept,

@@ -118,8 +118,12 @@ impl Forger {
 
     fn entry(&mut self, key: String, hlc: Hlc) -> Message {
         let origin = NodeId(self.rng.random());
+        // A digest no honest gateway holds: each receiver differs after
+        // merging and treats it as a summary.
+        let digest = Some(self.rng.random());
         Message::Entries(Entries {
             repair: None,
+            digest,
             entries: vec![WireEntry {
                 key,
                 version: Version { hlc, origin },
@@ -390,6 +394,7 @@ pub fn forged_datagrams(sim: &Sim) -> Vec<(&'static str, Vec<u8>)> {
                 bucket: 0,
                 digest: 1,
             }),
+            digest: Some(0xbad),
             entries: vec![WireEntry {
                 key: key.clone(),
                 version,
@@ -428,7 +433,10 @@ pub fn forged_datagrams(sim: &Sim) -> Vec<(&'static str, Vec<u8>)> {
             "summary, clock 8 days ahead",
             forge(spoofer, 1, &summary(Hlc::new(wall + 8 * DAY_MS, 0))),
         ),
-        ("entries, stale version", forge(spoofer, 1, &entry(older))),
+        (
+            "entries, stale version, a digest no one holds",
+            forge(spoofer, 1, &entry(older)),
+        ),
         (
             "entries, largest version",
             forge(
