@@ -1231,6 +1231,15 @@ impl Engine {
         self.clock.observe(heard.clock);
         if heard.digest == self.store.digest() {
             self.differences_heard.clear();
+            // We hold what a peer holds: a request of ours asked for that
+            // (with writes flowing, its digest of then is never ours again,
+            // and it would be asked every `repair_wait_ms` to the end).
+            if self
+                .bucket_digests_due
+                .is_some_and(|digests| digests.request)
+            {
+                self.bucket_digests_due = None;
+            }
             // A push is not a summary for Trickle or a tail: every summary
             // it suppressed would be one chance fewer for a gateway that
             // lost the push to learn of it.
