@@ -158,6 +158,11 @@ fn compile(source: &str) -> PathBuf {
     let exe = out_dir.join(name);
     let toolchain = c_toolchain().expect("a C toolchain (checked by can_build_c)");
     let (cflags, libs) = pc_flags(lib.parent().unwrap());
+    // nextest runs each test in its own process, and each compiles the
+    // programs it runs: the linker writing the path another test is
+    // executing fails that exec with ETXTBSY. Linked under a name of our
+    // own and renamed into place, a running program keeps its old inode.
+    let linked = out_dir.join(format!("{name}.{}", std::process::id()));
     let output = Command::new(&toolchain.cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
         .args(&toolchain.cflags)
@@ -165,7 +170,7 @@ fn compile(source: &str) -> PathBuf {
         .args(&toolchain.link_before)
         .arg(manifest_dir().join(source))
         .arg("-o")
-        .arg(&exe)
+        .arg(&linked)
         .args(toolchain.libs(&libs))
         .args(&toolchain.link_after)
         .output()
@@ -175,6 +180,7 @@ fn compile(source: &str) -> PathBuf {
         "cc {source} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    std::fs::rename(&linked, &exe).unwrap();
     built.insert(source.to_owned(), exe.clone());
     exe
 }
