@@ -74,7 +74,8 @@ pub struct Config {
     /// A gateway that asked for a repair (sent its bucket digests because
     /// it lacks something) asks again when no repair arrived for this long
     /// and it still differs, at most `repair_requests_max` times per
-    /// difference heard.
+    /// difference heard; the last time after `repair_bucket_interval_ms`,
+    /// when an answer it lost may be sent again.
     pub repair_wait_ms: u64,
     pub repair_requests_max: u32,
     /// Besides the origin of a bucket's newest entry, which answers first,
@@ -150,7 +151,7 @@ impl Default for Config {
             quiet_period_ms: 320_000,
             response_window_ms: 40,
             repair_wait_ms: 60,
-            repair_requests_max: 4,
+            repair_requests_max: 5,
             repair_volunteers: 2,
             repair_datagram_interval_ms: 2,
             loss_memory_ms: 600_000,
@@ -380,6 +381,7 @@ pub struct Peer {
     pub window: ReplayWindow,
     /// The summary digest it announced last (`status`: in sync or not).
     pub last_digest: Option<u64>,
+    last_digest_at: u64,
     /// Token bucket of datagrams this sender may still send (one token per
     /// millisecond up to the per-second limit), so a flood from one sender
     /// costs the others nothing.
@@ -393,6 +395,7 @@ impl Peer {
             last_heard: now,
             window: ReplayWindow::new(header.boot, header.seq),
             last_digest: None,
+            last_digest_at: now,
             tokens: rate_max,
             tokens_at: now,
         }
@@ -905,9 +908,17 @@ impl Engine {
             if self.store.digest() != digests.against {
                 self.send_bucket_digests();
                 if digests.request && digests.requests_left > 1 {
-                    // Asked for a repair: ask again if none comes.
+                    // Asked for a repair: ask again if none comes. An answer
+                    // we lost is not sent again to the same bucket digests
+                    // within `repair_bucket_interval_ms`, so the last ask
+                    // waits that out.
                     digests.requests_left -= 1;
-                    digests.due = now + self.config.repair_wait_ms;
+                    let wait = if digests.requests_left == 1 {
+                        self.config.repair_bucket_interval_ms
+                    } else {
+                        0
+                    };
+                    digests.due = now + wait.max(self.config.repair_wait_ms);
                     self.bucket_digests_due = Some(digests);
                 }
             }
@@ -1220,9 +1231,12 @@ impl Engine {
     /// A peer's digest, from its summary or its push (then compared with
     /// ours after the push was merged).
     fn on_summary(&mut self, now: u64, sender: NodeId, heard: Heard) {
-        if let Some(peer) = self.peers.get_mut(&sender) {
+        let sender_digest_before = self.peers.get_mut(&sender).and_then(|peer| {
+            let before = peer.last_digest.map(|digest| (digest, peer.last_digest_at));
             peer.last_digest = Some(heard.digest);
-        }
+            peer.last_digest_at = now;
+            before
+        });
         // Newer than anything we had seen: the sender holds something we
         // lack (a lost push, most likely), so our digests ask for it;
         // unless it announces what we held before, and lacks what we got.
@@ -1286,10 +1300,22 @@ impl Engine {
             .iter()
             .find(|&&(theirs, _)| theirs == heard.digest)
             .map(|&(_, at)| at);
-        let confirmed = match (heard_at, self.announced) {
+        let confirmed_again = match (heard_at, self.announced) {
             (Some(heard), Some((announced_digest, at))) => at > heard && announced_digest == digest,
             _ => false,
         };
+        // With writes flowing the writer's digest, and ours, move on with
+        // every push and no digest is heard again: a sender that differed
+        // before our summary and still differs after it, holding then what
+        // we never held, shows a difference that outlived a round. (A write
+        // of another gateway in flight made the digest of then one we
+        // held once its write arrived.)
+        let confirmed_by_sender = !peer_behind_us
+            && sender_digest_before.is_some_and(|(digest, heard_at)| {
+                !self.past_digests.contains(&digest)
+                    && self.announced.is_some_and(|(_, at)| at > heard_at)
+            });
+        let confirmed = confirmed_again || confirmed_by_sender;
         if !confirmed {
             if heard_at.is_none() {
                 if self.differences_heard.len() == DIFFERENCES_HELD {
@@ -1329,6 +1355,13 @@ impl Engine {
                 if request && !digests.request {
                     digests.request = true;
                     digests.against = against;
+                }
+                if request {
+                    // A new difference while our last ask waits out the
+                    // answers' pacing: ask about it soon, and still keep
+                    // that last ask.
+                    digests.due = digests.due.min(now + self.config.repair_wait_ms);
+                    digests.requests_left = digests.requests_left.max(2);
                 }
             }
             None => {
@@ -2451,13 +2484,26 @@ mod tests {
 
     /// Runs two engines on a lossless LAN until `until`: every datagram of
     /// one reaches the other at once, timers fire in time order.
-    fn pump(pair: &mut [Engine; 2], mut now: u64, until: u64) {
+    fn pump(pair: &mut [Engine; 2], now: u64, until: u64) {
+        pump_losing(pair, now, until, |_, _| false);
+    }
+
+    /// [`pump`], losing each datagram for which `lost(sender index,
+    /// datagram)` holds.
+    fn pump_losing(
+        pair: &mut [Engine; 2],
+        mut now: u64,
+        until: u64,
+        mut lost: impl FnMut(usize, &[u8]) -> bool,
+    ) {
         loop {
             let mut sent = false;
             for from in 0..2 {
                 while let Some(datagram) = pair[from].poll_transmit() {
                     sent = true;
-                    pair[1 - from].handle_datagram(now, &datagram);
+                    if !lost(from, &datagram) {
+                        pair[1 - from].handle_datagram(now, &datagram);
+                    }
                 }
             }
             if sent {
@@ -2511,5 +2557,95 @@ mod tests {
         pair[0].handle_datagram(after, &join_request(9, 3));
         pump(&mut pair, after, after + 1_000);
         assert!(repairs(&pair[0]) >= joined_buckets as u64);
+    }
+
+    fn is_repair(datagram: &[u8]) -> bool {
+        matches!(
+            wire::decode(datagram),
+            Ok((
+                _,
+                Message::Entries(Entries {
+                    repair: Some(_),
+                    ..
+                })
+            ))
+        )
+    }
+
+    #[test]
+    fn a_repair_lost_on_its_way_is_asked_for_again_once_it_may_be_sent_again() {
+        let (a, b) = two_settled_engines();
+        let mut pair = [a, b];
+        let start = SETTLED;
+        pair[0].set(start, WALL + start, "k", b"1").unwrap();
+        let _lost = run_timers(&mut pair[0], start, start + 2_000);
+        // The next push shows b the gap and the difference: b asks at once,
+        // a answers, and the answer is lost. a sends no bucket twice to the
+        // same digests within the pacing interval, so b's quick asks go
+        // unanswered; its last one, after the interval, is answered.
+        let pushed_at = start + 3_000;
+        pair[0]
+            .set(pushed_at, WALL + pushed_at, "k2", b"2")
+            .unwrap();
+        let mut repairs = 0;
+        let interval = Config::default().repair_bucket_interval_ms;
+        pump_losing(
+            &mut pair,
+            pushed_at,
+            pushed_at + interval + 500,
+            |from, datagram| {
+                let repair = from == 0 && is_repair(datagram);
+                repairs += repair as u32;
+                repair && repairs == 1
+            },
+        );
+        assert!(
+            pair[0].counters().repairs_paced >= 1,
+            "{:?}",
+            pair[0].counters()
+        );
+        assert_eq!(repairs, 2);
+        assert_eq!(pair[1].get("k"), Some(&b"1"[..]));
+        assert!(
+            pair[1].counters().bucket_digests_sent <= Config::default().repair_requests_max as u64
+        );
+    }
+
+    #[test]
+    fn with_writes_flowing_a_peer_that_differs_before_and_after_our_summary_is_a_difference() {
+        // Too many buckets for the fast path (digests in one datagram): a
+        // difference is acted on once confirmed.
+        let (a, b) = two_settled_engines();
+        let mut pair = [a, b];
+        let start = SETTLED;
+        for i in 0..300 {
+            pair[0]
+                .set(start, WALL + start, &format!("device/{i}"), b"{}")
+                .unwrap();
+        }
+        pump(&mut pair, start, start + 5_000);
+        assert_eq!(pair[0].store().digest(), pair[1].store().digest());
+        assert!(!pair[1].digests_fit_one());
+        let lost_at = start + 10_000;
+        pair[0].set(lost_at, WALL + lost_at, "k", b"1").unwrap();
+        let _lost = run_timers(&mut pair[0], lost_at, lost_at + 2_000);
+        // A write every 100 ms, each push arriving; every summary is lost,
+        // so b never hears one digest of a's twice, nor a one of b's.
+        let stream_at = lost_at + 3_000;
+        let is_summary =
+            |datagram: &[u8]| matches!(wire::decode(datagram), Ok((_, Message::Summary(_))));
+        for write in 0..10u64 {
+            let now = stream_at + write * 100;
+            pair[0]
+                .set(now, WALL + now, &format!("stream/{write}"), b"{}")
+                .unwrap();
+            pump_losing(&mut pair, now, now + 99, |_, datagram| is_summary(datagram));
+        }
+        assert_eq!(
+            pair[1].get("k"),
+            Some(&b"1"[..]),
+            "{:?}",
+            pair[1].counters()
+        );
     }
 }
