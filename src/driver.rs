@@ -3,8 +3,9 @@
 //! The driver is the engine's I/O half (the boringtun device loop to the
 //! engine's noise core): it owns the socket, the interface watch, the clock
 //! and the state directory, and it follows the engine's manual exactly:
-//! input, then drain `poll_transmit` and `poll_event`, then persist, then
-//! wait for the fd or the deadline.
+//! input, then drain `poll_transmit` and `poll_event`, then persist (after
+//! the caller took the changes, when there are any), then wait for the fd
+//! or the deadline.
 //!
 //! # Poll mode
 //!
@@ -298,6 +299,8 @@ pub struct Driver {
     state: Option<StateDir>,
     debounce: Debounce,
     changes: VecDeque<ChangeEvent>,
+    /// The last `process` left a due state write for the next.
+    save_put_off: bool,
     on_change: Option<ChangeCallback>,
     counters: DriverCounters,
     recv_buffer: Vec<u8>,
@@ -435,6 +438,7 @@ impl Driver {
             state,
             debounce,
             changes: VecDeque::new(),
+            save_put_off: false,
             on_change: None,
             counters: DriverCounters::default(),
             recv_buffer: vec![0; RECV_BUFFER_BYTES],
@@ -509,6 +513,7 @@ impl Driver {
                 self.check_interfaces();
             }
         }
+        let changes_before = self.changes.len();
         self.receive();
         let now = self.now();
         self.engine.set_wall_clock(now, Self::wall_ms());
@@ -516,7 +521,17 @@ impl Driver {
             self.engine.handle_timeout(now);
         }
         self.flush_transmits();
-        self.maybe_persist(false);
+        // Whoever takes the changes hears of them before the state write
+        // (two fsyncs: milliseconds on flash) rather than after it. The
+        // write goes at the next call, which `timeout_ms` (zero while a
+        // write is due) makes at once; put off once only, so a steady
+        // stream of changes cannot put it off for good.
+        if self.changes.len() > changes_before && !self.save_put_off {
+            self.save_put_off = true;
+        } else {
+            self.save_put_off = false;
+            self.maybe_persist(false);
+        }
     }
 
     fn receive(&mut self) {

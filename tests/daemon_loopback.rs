@@ -930,3 +930,51 @@ fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
     assert_eq!(status["peers"][0]["in_sync"], false, "{status}");
     assert_ne!(status["peers"][0]["digest"], status["digest"], "{status}");
 }
+
+/// A change heard from the group is handed out before the state write (two
+/// fsyncs: milliseconds on a router's flash) rather than after it: the
+/// write follows at the next `process`, which `timeout_ms` asks for at once.
+#[test]
+fn a_received_change_is_handed_out_before_the_state_is_written() {
+    use gwsync::driver::{Driver, DriverConfig};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::BorrowedFd;
+
+    let dir = TempDir::new("change-before-save");
+    let port = unique_port();
+    let open = |name: &str| {
+        Driver::open(DriverConfig {
+            interfaces: vec!["lo".to_owned()],
+            port,
+            state_dir: Some(dir.path().join(name)),
+            open: true,
+            ..DriverConfig::default()
+        })
+        .unwrap()
+    };
+    let mut writer = open("writer");
+    let mut reader = open("reader");
+    writer.set("room/1", r#"{"on":true}"#).unwrap();
+    writer.process();
+    let mut writes_when_handed_out = None;
+    wait_until("the reader hands out the write", SYNC_TIMEOUT, || {
+        // SAFETY: the driver's epoll fd lives as long as the driver.
+        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(100u16));
+        reader.process();
+        match reader.poll_change() {
+            Some(change) => {
+                assert_eq!(change.key, "room/1");
+                writes_when_handed_out = Some(reader.counters().state_writes);
+                true
+            }
+            None => false,
+        }
+    });
+    let writes = writes_when_handed_out.unwrap();
+    assert_eq!(reader.timeout_ms(), Some(0), "the state write is due now");
+    reader.process();
+    assert_eq!(reader.counters().state_writes, writes + 1);
+    assert_eq!(reader.unsaved_changes(), 0);
+}
