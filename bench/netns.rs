@@ -5,7 +5,8 @@
 //! Prints, for N = 3 and N = 8: propagation latency from `set` on one
 //! gateway to the value being readable on every other (time until the last
 //! gateway's `watch` reports it; p50 / p99 / max over 1,000 writes), lossless
-//! and with 10 % loss on every namespace (nftables `numgen random`); idle
+//! and with 10 % loss on every namespace (nftables `numgen random`), and of
+//! writes each alone in a state-write interval; idle
 //! datagrams per minute for the whole group (the daemons' own send
 //! counters); peak RSS (VmHWM) of one daemon idle and holding 10,000 keys;
 //! and the size of the stripped release binary.
@@ -25,16 +26,24 @@ use lan::{Control, Latencies, datagrams_sent, propagation, rss_anon_kib, vm_hwm_
 /// N = 8 and 10 % loss have a gateway that lost every copy.
 const WRITES: usize = 1_000;
 
-/// Writes on gateway 0, timed until every other gateway's `watch` saw them.
+/// Lone writes: each the first change in over a state-write interval
+/// (2 s), which a receiver saves at once (two fsyncs) and, before the
+/// change was handed out first, told its watchers of only after that.
+const LONE_WRITES: usize = 20;
+const LONE_GAP: Duration = Duration::from_millis(2_200);
+
+/// `writes` writes on gateway 0, timed until every other gateway's `watch`
+/// saw them.
 fn gwsync_propagation(
     daemons: &[common::Daemon],
     tag: &str,
+    writes: usize,
     gap: Duration,
     timeout: Duration,
 ) -> Latencies {
     let events = lan::watch_all(daemons);
     let mut control = Control::connect(&daemons[0]);
-    propagation(WRITES, gap, timeout, daemons.len() - 1, &events, |write| {
+    propagation(writes, gap, timeout, daemons.len() - 1, &events, |write| {
         let key = format!("bench/{tag}/{write}");
         control.set(&key, &format!(r#"{{"n":{write}}}"#));
         key
@@ -61,10 +70,22 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
     let lossless = gwsync_propagation(
         &daemons,
         "lossless",
+        WRITES,
         Duration::from_millis(50),
         Duration::from_secs(30),
     );
     rows.push(latency_row(&format!("N={nodes} lossless"), &lossless));
+    let lone = gwsync_propagation(
+        &daemons,
+        "lone",
+        LONE_WRITES,
+        LONE_GAP,
+        Duration::from_secs(30),
+    );
+    rows.push(latency_row(
+        &format!("N={nodes} lossless, {LONE_WRITES} lone writes"),
+        &lone,
+    ));
     if !quick {
         // Trickle doubles from Imin to Imax (64 s) while all agree: wait for
         // the steady state, then count every datagram any daemon sends.
@@ -87,6 +108,7 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
     let lossy = gwsync_propagation(
         &daemons,
         "loss10",
+        WRITES,
         Duration::from_millis(100),
         Duration::from_secs(180),
     );
