@@ -6,7 +6,8 @@
 //! gateway to the value being readable on every other (time until the last
 //! gateway's `watch` reports it; p50 / p99 / max over 1,000 writes), lossless
 //! and with 10 % loss on every namespace (nftables `numgen random`), and of
-//! writes each alone in a state-write interval; idle
+//! writes each alone in a state-write interval, beside the floor: a bare
+//! relay through the same processes and hops; idle
 //! datagrams per minute for the whole group (the daemons' own send
 //! counters); peak RSS (VmHWM) of one daemon idle and holding 10,000 keys;
 //! and the size of the stripped release binary.
@@ -14,12 +15,18 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 #[path = "lan/mod.rs"]
 mod lan;
 
-use common::{TempDir, unique_port, wait_until};
+use common::{Lan, TempDir, unique_port, wait_until};
 use lan::{Control, Latencies, datagrams_sent, propagation, rss_anon_kib, vm_hwm_kib};
 
 /// Enough that the p99 is not the slowest write: about 0.7 % of writes at
@@ -50,6 +57,124 @@ fn gwsync_propagation(
     })
 }
 
+/// The floor under any sync daemon here: the same processes and hops
+/// without a daemon's work. The bench hands each write as a line to a
+/// sender process in node 0 (over a pipe, as `set` goes over the control
+/// socket), which multicasts it; a receiver process in every other node
+/// writes each datagram as a line to a unix socket of the bench (as
+/// `watch` does). Its own group, so no daemon hears it.
+const FLOOR_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 73, 74);
+
+/// `--floor-relay send|receive ADDRESS PORT [SOCKET]`, inside a node: the
+/// bench runs itself as the floor's processes.
+fn floor_relay(args: &[String]) {
+    let [role, address, port, rest @ ..] = args else {
+        panic!("--floor-relay send|receive ADDRESS PORT [SOCKET]: {args:?}");
+    };
+    let address: Ipv4Addr = address.parse().expect("address");
+    let port: u16 = port.parse().expect("port");
+    match (role.as_str(), rest) {
+        ("send", []) => {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+                .expect("socket");
+            socket
+                .set_multicast_if_v4(&address)
+                .expect("multicast interface");
+            socket
+                .bind(&SocketAddrV4::new(address, 0).into())
+                .expect("bind");
+            let group = SocketAddrV4::new(FLOOR_GROUP, port).into();
+            for line in std::io::stdin().lines() {
+                socket
+                    .send_to(line.expect("stdin").as_bytes(), &group)
+                    .expect("send");
+            }
+        }
+        ("receive", [path]) => {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
+            socket
+                .join_multicast_v4(&FLOOR_GROUP, &address)
+                .expect("join");
+            // Connected only once joined: the bench's accept is the ready
+            // signal.
+            let mut bench = UnixStream::connect(path).expect("the bench's socket");
+            let mut datagram = [0u8; 1500];
+            loop {
+                let len = socket.recv(&mut datagram).expect("recv");
+                let mut line = datagram[..len].to_vec();
+                line.push(b'\n');
+                if bench.write_all(&line).is_err() {
+                    return;
+                }
+            }
+        }
+        _ => panic!("--floor-relay send|receive ADDRESS PORT [SOCKET]: {args:?}"),
+    }
+}
+
+fn floor_propagation(lan: &Lan, dir: &Path) -> Latencies {
+    let port = unique_port().to_string();
+    let path = dir.join("floor.sock");
+    let listener = UnixListener::bind(&path).expect("floor socket");
+    let bench = std::env::current_exe().expect("the bench's path");
+    let relay = |index: usize, role: &str| {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &lan.nodes[index]])
+            .arg(&bench)
+            .args(["--floor-relay", role, &lan.ipv4(index).to_string(), &port]);
+        command
+    };
+    let mut receivers: Vec<_> = (1..lan.nodes.len())
+        .map(|index| {
+            let child = relay(index, "receive")
+                .arg(&path)
+                .spawn()
+                .expect("floor receiver");
+            lan::cleanup_register_pid(child.id());
+            child
+        })
+        .collect();
+    let (arrivals, events) = mpsc::channel();
+    for node in 1..lan.nodes.len() {
+        let (stream, _) = listener.accept().expect("a floor receiver");
+        let arrivals = arrivals.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(key) = line else { return };
+                if arrivals.send((node, key, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let mut sender = relay(0, "send")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("floor sender");
+    lan::cleanup_register_pid(sender.id());
+    let mut to_sender = sender.stdin.take().expect("the sender's stdin");
+    let latencies = propagation(
+        WRITES,
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        lan.nodes.len() - 1,
+        &events,
+        |write| {
+            let key = format!("floor/{write}");
+            writeln!(to_sender, "{key}").expect("to the floor sender");
+            key
+        },
+    );
+    drop(to_sender);
+    let _ = sender.wait();
+    for receiver in &mut receivers {
+        let _ = receiver.kill();
+        let _ = receiver.wait();
+    }
+    latencies
+}
+
 fn latency_row(label: &str, latencies: &Latencies) -> String {
     format!(
         "| {label} | {:.1} | {:.1} | {:.1} | {} |",
@@ -75,6 +200,10 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
         Duration::from_secs(30),
     );
     rows.push(latency_row(&format!("N={nodes} lossless"), &lossless));
+    rows.push(latency_row(
+        &format!("N={nodes} floor: a bare relay, same processes and hops"),
+        &floor_propagation(&lan, dir.path()),
+    ));
     let lone = gwsync_propagation(
         &daemons,
         "lone",
@@ -151,6 +280,10 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == "--floor-relay") {
+        return floor_relay(&args[at + 1..]);
+    }
     if !common::is_root() {
         eprintln!("SKIP bench: network namespaces need root");
         return;

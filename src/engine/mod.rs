@@ -381,7 +381,8 @@ pub struct Peer {
     pub window: ReplayWindow,
     /// The summary digest it announced last (`status`: in sync or not).
     pub last_digest: Option<u64>,
-    last_digest_at: u64,
+    /// When we heard that digest, if it differed from ours then.
+    last_difference_at: Option<u64>,
     /// Token bucket of datagrams this sender may still send (one token per
     /// millisecond up to the per-second limit), so a flood from one sender
     /// costs the others nothing.
@@ -395,7 +396,7 @@ impl Peer {
             last_heard: now,
             window: ReplayWindow::new(header.boot, header.seq),
             last_digest: None,
-            last_digest_at: now,
+            last_difference_at: None,
             tokens: rate_max,
             tokens_at: now,
         }
@@ -1231,10 +1232,11 @@ impl Engine {
     /// A peer's digest, from its summary or its push (then compared with
     /// ours after the push was merged).
     fn on_summary(&mut self, now: u64, sender: NodeId, heard: Heard) {
-        let sender_digest_before = self.peers.get_mut(&sender).and_then(|peer| {
-            let before = peer.last_digest.map(|digest| (digest, peer.last_digest_at));
+        let differs = heard.digest != self.store.digest();
+        let sender_difference_before = self.peers.get_mut(&sender).and_then(|peer| {
+            let before = peer.last_digest.zip(peer.last_difference_at);
             peer.last_digest = Some(heard.digest);
-            peer.last_digest_at = now;
+            peer.last_difference_at = differs.then_some(now);
             before
         });
         // Newer than anything we had seen: the sender holds something we
@@ -1243,7 +1245,7 @@ impl Engine {
         let peer_behind_us = self.past_digests.contains(&heard.digest);
         let behind = heard.clock > heard.seen_before && !peer_behind_us;
         self.clock.observe(heard.clock);
-        if heard.digest == self.store.digest() {
+        if !differs {
             self.differences_heard.clear();
             // We hold what a peer holds: a request of ours asked for that
             // (with writes flowing, its digest of then is never ours again,
@@ -1307,11 +1309,11 @@ impl Engine {
         // With writes flowing the writer's digest, and ours, move on with
         // every push and no digest is heard again: a sender that differed
         // before our summary and still differs after it, holding then what
-        // we never held, shows a difference that outlived a round. (A write
-        // of another gateway in flight made the digest of then one we
-        // held once its write arrived.)
+        // we have not held since, shows a difference that outlived a round.
+        // (A write of another gateway in flight made the digest of then one
+        // we held once its write arrived.)
         let confirmed_by_sender = !peer_behind_us
-            && sender_digest_before.is_some_and(|(digest, heard_at)| {
+            && sender_difference_before.is_some_and(|(digest, heard_at)| {
                 !self.past_digests.contains(&digest)
                     && self.announced.is_some_and(|(_, at)| at > heard_at)
             });
