@@ -914,12 +914,13 @@ impl Engine {
                     // within `repair_bucket_interval_ms`, so the last ask
                     // waits that out.
                     digests.requests_left -= 1;
-                    let wait = if digests.requests_left == 1 {
-                        self.config.repair_bucket_interval_ms
-                    } else {
-                        0
-                    };
-                    digests.due = now + wait.max(self.config.repair_wait_ms);
+                    let wait = self.config.repair_wait_ms;
+                    digests.due = now
+                        + if digests.requests_left == 1 {
+                            wait.max(self.config.repair_bucket_interval_ms)
+                        } else {
+                            wait
+                        };
                     self.bucket_digests_due = Some(digests);
                 }
             }
