@@ -96,17 +96,17 @@ pub struct Config {
     /// summary equal to ours was heard since the previous one. One is
     /// enough: a gateway that also lost it is mended by the repair that the
     /// others' requests bring, or asks again itself. (A one-datagram push
-    /// under light loss is followed by copies instead: see
-    /// `tail_repeat_peers_min`.)
+    /// is mostly followed by copies instead: see `tail_repeat_peers_min`.)
     pub tail_summaries: u32,
-    /// On a lossy LAN with at least this many peers a push of one datagram
-    /// is sent again where the first tail summary would go, so most
-    /// gateways that lost it need no repair round at all: under light loss
-    /// (below 20 % of datagrams missed lately) three copies in all (four
-    /// from eight times as many peers) and no summary; under heavy loss
-    /// two (three) and the summary, so that the many that lost every copy
-    /// ask at once. With fewer peers few lose it, and a repair round costs
-    /// less than a copy to all.
+    /// On a lossy LAN a push of one datagram is sent again, evenly spaced
+    /// from where the first tail summary would go, so that gateways that
+    /// lost it need no repair round at all. With at least this many peers
+    /// under light loss (below 20 % of datagrams missed lately) three
+    /// copies in all (four from eight times as many peers) and no summary;
+    /// otherwise as many copies as the loss rate lately needs to leave one
+    /// update in 200 with a gateway that lost every copy, in a group of
+    /// the peers heard (of at least eight times this many, when this many
+    /// were heard: Trickle keeps most of a large group quiet).
     pub tail_repeat_peers_min: usize,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
@@ -440,8 +440,15 @@ const PAST_DIGESTS_KEPT: usize = 8;
 const LOSS_SAMPLE: u32 = 256;
 /// One sequence gap counts at most this many datagrams missed.
 const LOSS_GAP_COUNTED_MAX: u32 = 8;
-/// From this loss rate on, a lone push is followed by a summary.
+/// From this loss rate on, the copies of a lone push follow the rate.
 const LOSS_HEAVY_PERCENT: u32 = 20;
+/// A lone push on a lossy LAN goes out in enough copies that at most one
+/// update in this many leaves a gateway without any (see
+/// `lossy_push_copies`).
+const PUSH_LEFT_OUT_INVERSE: f64 = 200.0;
+/// However lossy the LAN (or a forger's sequence gaps make it look): the
+/// copies of one push are bounded.
+const PUSH_COPIES_MAX: u32 = 8;
 
 /// What a summary (or a push carrying its sender's digest) told.
 #[derive(Clone, Copy, Debug)]
@@ -892,7 +899,11 @@ impl Engine {
                 tail.consistent_heard = false;
             }
             tail.due = now + tail.gap_ms;
-            tail.gap_ms *= 2;
+            // Copies go out evenly spaced (eight within 200 ms), summaries
+            // after doubling gaps.
+            if repeat.is_none() {
+                tail.gap_ms *= 2;
+            }
             let finished = tail.remaining == 0 && tail.repeats_left == 0;
             // Sent with the tail in place, the last copy too: a receiver's
             // gap just before a copy is most likely the copies it lost.
@@ -1217,17 +1228,6 @@ impl Engine {
             self.datagrams_heard /= 2;
             self.datagrams_missed /= 2;
         }
-    }
-
-    /// Whether loss lately is heavy (or not known yet): then a lone push
-    /// is followed by a summary, so gateways that lost every copy ask at
-    /// once; under lighter loss one more copy costs the same and spares
-    /// most of those requests.
-    fn loss_is_heavy(&self) -> bool {
-        let sampled = self.datagrams_heard + self.datagrams_missed;
-        sampled < LOSS_SAMPLE / 8
-            || u64::from(self.datagrams_missed) * 100
-                >= u64::from(LOSS_HEAVY_PERCENT) * u64::from(sampled)
     }
 
     /// A peer's digest, from its summary or its push (then compared with
@@ -1765,25 +1765,66 @@ impl Engine {
         }
         let sent = self.send_pushed(keys.clone());
         if lossy {
-            let peers = self.peers.len();
-            let repeat_min = self.config.tail_repeat_peers_min.max(1);
-            let repeats = if peers >= 8 * repeat_min {
-                2
-            } else {
-                u32::from(peers >= repeat_min)
-            };
-            // Under light loss one more copy replaces the summary: it costs
-            // the same, and spares the requests of the gateways that lost
-            // every copy but heard the summary.
-            let summary_follows = repeats == 0 || self.loss_is_heavy();
-            if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && repeats > 0) {
+            let (copies, summary_follows) = self.lossy_push_copies();
+            if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && copies > 1) {
                 tail.repeat = keys;
-                tail.repeats_left = repeats + u32::from(!summary_follows);
+                tail.repeats_left = copies - 1;
                 if !summary_follows {
                     tail.remaining = 0;
                 }
             }
         }
+    }
+
+    /// How many times a one-datagram push goes out on a lossy LAN, and
+    /// whether a summary follows the copies (so that gateways that lost
+    /// every copy but hear the summary ask at once).
+    ///
+    /// With the loss rate measured, as many copies as leave at most one
+    /// update in [`PUSH_LEFT_OUT_INVERSE`] with a gateway that lost them
+    /// all (it then waits for a Trickle summary, seconds in an idle group):
+    /// repeating a one-datagram push is the best erasure code there is, and
+    /// under loss a repair round (request and answer, each lost too) costs
+    /// more than the copies it spares. The group's size enters, and only
+    /// the peers heard are known: Trickle keeps most gateways of a large
+    /// group quiet, so from `tail_repeat_peers_min` peers on at least eight
+    /// times as many are assumed.
+    ///
+    /// Except under light loss in such a group, where three copies (four
+    /// from the assumed size on) hold the cost of an update near three
+    /// datagrams: the fourth copy would be spent on every update for the
+    /// few (about (N - 1) / 1,000 at 10 % loss) that leave one gateway
+    /// waiting. Before the rate is measured, the copies of that rule and a
+    /// summary.
+    fn lossy_push_copies(&self) -> (u32, bool) {
+        let peers = self.peers.len();
+        let large_min = self.config.tail_repeat_peers_min.max(1);
+        let rule_extra_copies = if peers >= 8 * large_min {
+            2
+        } else {
+            u32::from(peers >= large_min)
+        };
+        let sampled = self.datagrams_heard + self.datagrams_missed;
+        if sampled < LOSS_SAMPLE / 8 {
+            return (1 + rule_extra_copies, true);
+        }
+        let loss_percent = self.datagrams_missed * 100 / sampled;
+        if peers >= large_min && loss_percent < LOSS_HEAVY_PERCENT {
+            return (2 + rule_extra_copies, false);
+        }
+        let assumed_peers = if peers >= large_min {
+            peers.max(8 * large_min)
+        } else {
+            peers
+        };
+        let loss = f64::from(loss_percent) / 100.0;
+        let mut left_out = assumed_peers as f64 * loss;
+        let mut copies = 1;
+        while copies < PUSH_COPIES_MAX && left_out * PUSH_LEFT_OUT_INVERSE > 1.0 {
+            left_out *= loss;
+            copies += 1;
+        }
+        (copies, copies == 1)
     }
 
     /// Pushes the current entries of `keys`; returns the datagrams sent.
@@ -2206,18 +2247,20 @@ mod tests {
     }
 
     #[test]
-    fn under_light_loss_a_lone_push_goes_out_in_copies_and_under_heavy_loss_with_a_summary() {
-        // (pushes, summaries) of a lone write, after five peers were heard
-        // with every `seq_step`-th of their sequence numbers arriving; each
-        // push says that more follows, the last copy too.
-        let sent_after = |seq_step: u32| {
+    fn a_lone_push_on_a_lossy_lan_goes_out_in_as_many_copies_as_the_loss_and_group_need() {
+        // (pushes, summaries) of a lone write, after `peers` more peers
+        // were heard, 40 datagrams each, one missed after every
+        // `heard_per_miss`; each push says that more follows, the last
+        // copy too.
+        let sent_after = |peers: u64, heard_per_miss: u32| {
             let (mut a, _) = two_settled_engines();
             let mut now = SETTLED;
-            for peer in 10..15 {
-                for n in 0..10 {
+            for peer in 10..10 + peers {
+                for n in 0..40 {
                     now += 10;
                     let flags = if n == 0 { wire::FLAG_LOSS_SEEN } else { 0 };
-                    a.handle_datagram(now, &summary_datagram(peer, 1 + n * seq_step, flags, &a));
+                    let seq = 1 + n + n / heard_per_miss;
+                    a.handle_datagram(now, &summary_datagram(peer, seq, flags, &a));
                 }
             }
             a.set(now, WALL + now, "k", b"1").unwrap();
@@ -2240,8 +2283,33 @@ mod tests {
                 .count();
             (pushes.len(), summaries)
         };
-        assert_eq!(sent_after(1), (3, 0), "no datagram missed");
-        assert_eq!(sent_after(2), (2, 1), "every other datagram missed");
+        // Six peers: light loss, three copies; heavy loss, as many as 32
+        // peers would need (1 in 200 updates leaving one without any at
+        // 50 % loss takes 13), bounded.
+        assert_eq!(sent_after(5, u32::MAX), (3, 0), "no datagram missed");
+        assert_eq!(
+            sent_after(5, 1),
+            (PUSH_COPIES_MAX as usize, 0),
+            "every other datagram missed"
+        );
+        // Two peers at 1 in 10 missed: 2 * 0.1^3 = 1 in 500 left without
+        // it, 2 * 0.1^2 = 1 in 50 too many.
+        assert_eq!(sent_after(1, 9), (3, 0), "two peers, light loss");
+        // A handful of datagrams say nothing of the rate yet: the push
+        // and a summary, so a peer that lost the push asks.
+        let (mut a, _) = two_settled_engines();
+        let flagged = summary_datagram(10, 1, wire::FLAG_LOSS_SEEN, &a);
+        a.handle_datagram(SETTLED, &flagged);
+        a.set(SETTLED, WALL + SETTLED, "k", b"1").unwrap();
+        let kinds: Vec<wire::MessageType> = run_timers(&mut a, SETTLED, SETTLED + 1_000)
+            .iter()
+            .map(|datagram| Packet::new_checked(datagram).unwrap().header().message_type)
+            .collect();
+        assert_eq!(
+            kinds,
+            [wire::MessageType::Entries, wire::MessageType::Summary],
+            "loss rate not known yet"
+        );
     }
 
     #[test]
