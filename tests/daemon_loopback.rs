@@ -973,8 +973,22 @@ fn a_received_change_is_handed_out_before_the_state_is_written() {
         }
     });
     let writes = writes_when_handed_out.unwrap();
-    assert_eq!(reader.timeout_ms(), Some(0), "the state write is due now");
-    reader.process();
+    assert_eq!(reader.unsaved_changes(), 1);
+    let wait = reader.timeout_ms().unwrap();
+    assert!(
+        wait <= gwsync::driver::SAVE_SETTLE_MS,
+        "the state write is due at most {} ms after the change, not {wait}",
+        gwsync::driver::SAVE_SETTLE_MS
+    );
+    wait_until("the reader writes its state", SYNC_TIMEOUT, || {
+        // SAFETY: as above.
+        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let timeout = reader.timeout_ms().unwrap_or(100).min(100) as u16;
+        let _ = poll(&mut fds, PollTimeout::from(timeout));
+        reader.process();
+        reader.counters().state_writes > writes
+    });
     assert_eq!(reader.counters().state_writes, writes + 1);
     assert_eq!(reader.unsaved_changes(), 0);
 }
