@@ -1790,12 +1790,13 @@ impl Engine {
     /// group quiet, so from `tail_repeat_peers_min` peers on at least eight
     /// times as many are assumed.
     ///
-    /// Except under light loss in such a group, where three copies (four
-    /// from the assumed size on) hold the cost of an update near three
-    /// datagrams: the fourth copy would be spent on every update for the
-    /// few (about (N - 1) / 1,000 at 10 % loss) that leave one gateway
-    /// waiting. Before the rate is measured, the copies of that rule and a
-    /// summary.
+    /// Except under light loss with `tail_repeat_peers_min` peers heard,
+    /// where three copies (four with eight times as many) hold the cost of
+    /// an update near three datagrams: a fourth copy would be spent on
+    /// every update for the few (about (N - 1) / 1,000 at 10 % loss) that
+    /// leave one gateway waiting. Before the rate is measured: two copies
+    /// (three with eight times as many peers, one with fewer than
+    /// `tail_repeat_peers_min`) and a summary.
     fn lossy_push_copies(&self) -> (u32, bool) {
         let peers = self.peers.len();
         let large_min = self.config.tail_repeat_peers_min.max(1);
