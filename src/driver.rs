@@ -758,8 +758,9 @@ impl Driver {
                         deleted: change.value.is_none(),
                     });
                     log::debug!("changed {} (origin {})", change.key, change.origin);
-                    let now = self.now();
-                    self.save_not_before.get_or_insert(now + SAVE_SETTLE_MS);
+                    if self.save_not_before.is_none() {
+                        self.save_not_before = Some(self.now() + SAVE_SETTLE_MS);
+                    }
                     if let Some(callback) = &mut self.on_change {
                         callback(&change);
                     } else if self.changes.len() < CHANGES_QUEUED_MAX {
