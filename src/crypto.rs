@@ -659,6 +659,11 @@ impl ReplayWindow {
         self.highest
     }
 
+    /// Whether the highest sequence accepted is the boot's first one heard.
+    pub fn highest_is_first(&self) -> bool {
+        self.highest == self.first
+    }
+
     /// How often the sender's boot id changed since the window was made
     /// (saturating): restarts, or replays of an old boot.
     pub fn boot_changes(&self) -> u32 {

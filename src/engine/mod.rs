@@ -100,13 +100,11 @@ pub struct Config {
     pub tail_summaries: u32,
     /// On a lossy LAN a push of one datagram is sent again, evenly spaced
     /// from where the first tail summary would go, so that gateways that
-    /// lost it need no repair round at all. With at least this many peers
-    /// under light loss (below 20 % of datagrams missed lately) three
-    /// copies in all (four from eight times as many peers) and no summary;
-    /// otherwise as many copies as the loss rate lately needs to leave one
-    /// update in 200 with a gateway that lost every copy, in a group of
-    /// the peers heard (of at least eight times this many, when this many
-    /// were heard: Trickle keeps most of a large group quiet).
+    /// lost it need no repair round at all: as many copies as the loss
+    /// rate lately needs to leave one update in 200 with a gateway that
+    /// lost every copy, in a group of the peers heard (of at least eight
+    /// times this many, when this many were heard: Trickle keeps most of a
+    /// large group quiet).
     pub tail_repeat_peers_min: usize,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
@@ -440,15 +438,20 @@ const PAST_DIGESTS_KEPT: usize = 8;
 const LOSS_SAMPLE: u32 = 256;
 /// One sequence gap counts at most this many datagrams missed.
 const LOSS_GAP_COUNTED_MAX: u32 = 8;
-/// From this loss rate on, the copies of a lone push follow the rate.
-const LOSS_HEAVY_PERCENT: u32 = 20;
+/// Before the loss estimate has heard much, it leans on this prior: as if
+/// `LOSS_PRIOR_SAMPLED` datagrams had been sampled with
+/// `LOSS_PRIOR_MISSED` of them missed (20 %, heavy loss). Loss was seen,
+/// or no copies would go out; too few copies cost seconds, too many a
+/// datagram each.
+const LOSS_PRIOR_SAMPLED: f64 = 4.0;
+const LOSS_PRIOR_MISSED: f64 = 0.8;
 /// A lone push on a lossy LAN goes out in enough copies that at most one
 /// update in this many leaves a gateway without any (see
 /// `lossy_push_copies`).
 const PUSH_LEFT_OUT_INVERSE: f64 = 200.0;
 /// However lossy the LAN (or a forger's sequence gaps make it look): the
 /// copies of one push are bounded.
-const PUSH_COPIES_MAX: u32 = 8;
+const PUSH_COPIES_MAX: u32 = 10;
 
 /// What a summary (or a push carrying its sender's digest) told.
 #[derive(Clone, Copy, Debug)]
@@ -899,8 +902,7 @@ impl Engine {
                 tail.consistent_heard = false;
             }
             tail.due = now + tail.gap_ms;
-            // Copies go out evenly spaced (eight within 200 ms), summaries
-            // after doubling gaps.
+            // Copies go out evenly spaced, summaries after doubling gaps.
             if repeat.is_none() {
                 tail.gap_ms *= 2;
             }
@@ -1167,6 +1169,7 @@ impl Engine {
         match self.peers.get_mut(&header.sender) {
             Some(peer) => {
                 let mut window = peer.window;
+                let highest_was_first = window.highest_is_first();
                 match window.check(header.boot, header.seq) {
                     // Unauthenticated, a retired boot proves nothing: a
                     // forger may have announced the boot that retired it.
@@ -1176,7 +1179,7 @@ impl Engine {
                     Err(error) => return Err(DropReason::Replay(error)),
                     Ok(accepted) => {
                         missed_some = matches!(accepted, Accepted::Skipped { .. });
-                        sample = Some(accepted);
+                        sample = Some((accepted, highest_was_first));
                     }
                 }
                 if !peer.take_token(now, rate_max) {
@@ -1203,8 +1206,8 @@ impl Engine {
                 self.events.push_back(Event::PeerDiscovered(header.sender));
             }
         }
-        if let Some(accepted) = sample {
-            self.count_loss_sample(accepted);
+        if let Some((accepted, highest_was_first)) = sample {
+            self.count_loss_sample(accepted, highest_was_first);
         }
         if missed_some {
             self.loss_seen_at = Some(now);
@@ -1213,17 +1216,30 @@ impl Engine {
         Ok(missed_some)
     }
 
-    fn count_loss_sample(&mut self, accepted: Accepted) {
-        match accepted {
+    /// Counts what a datagram tells of the loss rate. A sender's datagrams
+    /// count as heard only between the first and the highest heard: the
+    /// first was heard by choice (those before it are unknown) and so is the
+    /// highest (those after it are unknown yet), and counting either makes
+    /// the loss look lower where each peer is heard a few times, as in a
+    /// large group that Trickle keeps quiet (10 % loss read as 6 % at
+    /// N = 128). So the highest is counted once a later one arrives.
+    fn count_loss_sample(&mut self, accepted: Accepted, highest_was_first: bool) {
+        let heard = match accepted {
             // A long gap is an outage or a restart we did not see, not the
             // loss rate; a forger's jump counts no more either.
             Accepted::Skipped { missed } => {
-                self.datagrams_missed += missed.min(LOSS_GAP_COUNTED_MAX)
+                self.datagrams_missed += missed.min(LOSS_GAP_COUNTED_MAX);
+                !highest_was_first
             }
-            Accepted::Reordered => self.datagrams_missed = self.datagrams_missed.saturating_sub(1),
-            Accepted::Next | Accepted::NewBoot => {}
-        }
-        self.datagrams_heard += 1;
+            Accepted::Next => !highest_was_first,
+            // A gap counted as missed is filled after all.
+            Accepted::Reordered => {
+                self.datagrams_missed = self.datagrams_missed.saturating_sub(1);
+                true
+            }
+            Accepted::NewBoot => false,
+        };
+        self.datagrams_heard += u32::from(heard);
         if self.datagrams_heard + self.datagrams_missed >= LOSS_SAMPLE {
             self.datagrams_heard /= 2;
             self.datagrams_missed /= 2;
@@ -1769,6 +1785,10 @@ impl Engine {
             if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && copies > 1) {
                 tail.repeat = keys;
                 tail.repeats_left = copies - 1;
+                // Each copy is a delivery, not a question that waits for
+                // answers: Imin/8 apart, ten within 125 ms by default, as a
+                // late copy is the p99 of the group.
+                tail.gap_ms = self.config.trickle.imin_ms.max(8) / 8;
                 if !summary_follows {
                     tail.remaining = 0;
                 }
@@ -1777,48 +1797,30 @@ impl Engine {
     }
 
     /// How many times a one-datagram push goes out on a lossy LAN, and
-    /// whether a summary follows the copies (so that gateways that lost
-    /// every copy but hear the summary ask at once).
+    /// whether a summary follows the copies (so that a gateway that lost
+    /// the push but hears the summary asks at once).
     ///
-    /// With the loss rate measured, as many copies as leave at most one
-    /// update in [`PUSH_LEFT_OUT_INVERSE`] with a gateway that lost them
-    /// all (it then waits for a Trickle summary, seconds in an idle group):
-    /// repeating a one-datagram push is the best erasure code there is, and
-    /// under loss a repair round (request and answer, each lost too) costs
-    /// more than the copies it spares. The group's size enters, and only
-    /// the peers heard are known: Trickle keeps most gateways of a large
-    /// group quiet, so from `tail_repeat_peers_min` peers on at least eight
-    /// times as many are assumed.
-    ///
-    /// Except under light loss with `tail_repeat_peers_min` peers heard,
-    /// where three copies (four with eight times as many) hold the cost of
-    /// an update near three datagrams: a fourth copy would be spent on
-    /// every update for the few (about (N - 1) / 1,000 at 10 % loss) that
-    /// leave one gateway waiting. Before the rate is measured: two copies
-    /// (three with eight times as many peers, one with fewer than
-    /// `tail_repeat_peers_min`) and a summary.
+    /// As many copies as leave at most one update in
+    /// [`PUSH_LEFT_OUT_INVERSE`] with a gateway that lost them all: it
+    /// then waits for a Trickle summary, seconds in an idle group, which
+    /// is the whole p99 of a lossy group. Repeating a one-datagram push is
+    /// the best erasure code there is: a repair round (request and answer,
+    /// each lost too) costs more than the copies it spares. The loss rate
+    /// is the one measured lately, leaning on a heavy prior until enough
+    /// was heard. The group's size enters, and only the peers heard are
+    /// known: Trickle keeps most gateways of a large group quiet, so from
+    /// `tail_repeat_peers_min` peers on at least eight times as many are
+    /// assumed.
     fn lossy_push_copies(&self) -> (u32, bool) {
         let peers = self.peers.len();
         let large_min = self.config.tail_repeat_peers_min.max(1);
-        let rule_extra_copies = if peers >= 8 * large_min {
-            2
-        } else {
-            u32::from(peers >= large_min)
-        };
-        let sampled = self.datagrams_heard + self.datagrams_missed;
-        if sampled < LOSS_SAMPLE / 8 {
-            return (1 + rule_extra_copies, true);
-        }
-        let loss_percent = self.datagrams_missed * 100 / sampled;
-        if peers >= large_min && loss_percent < LOSS_HEAVY_PERCENT {
-            return (2 + rule_extra_copies, false);
-        }
         let assumed_peers = if peers >= large_min {
             peers.max(8 * large_min)
         } else {
             peers
         };
-        let loss = f64::from(loss_percent) / 100.0;
+        let loss = (f64::from(self.datagrams_missed) + LOSS_PRIOR_MISSED)
+            / (f64::from(self.datagrams_heard + self.datagrams_missed) + LOSS_PRIOR_SAMPLED);
         let mut left_out = assumed_peers as f64 * loss;
         let mut copies = 1;
         while copies < PUSH_COPIES_MAX && left_out * PUSH_LEFT_OUT_INVERSE > 1.0 {
@@ -2284,10 +2286,12 @@ mod tests {
                 .count();
             (pushes.len(), summaries)
         };
-        // Six peers: light loss, three copies; heavy loss, as many as 32
-        // peers would need (1 in 200 updates leaving one without any at
-        // 50 % loss takes 13), bounded.
-        assert_eq!(sent_after(5, u32::MAX), (3, 0), "no datagram missed");
+        // Six peers, no datagram missed: what 32 peers would need with the
+        // prior's 0.8 datagrams missed in 238 (32 * 0.0034 = 1 in 9 left
+        // without the push, 32 * 0.0034^2 = 1 in 2,700).
+        assert_eq!(sent_after(5, u32::MAX), (2, 0), "no datagram missed");
+        // Every other datagram missed: 1 in 200 updates leaving one of 32
+        // without any would take 13 copies; bounded.
         assert_eq!(
             sent_after(5, 1),
             (PUSH_COPIES_MAX as usize, 0),
@@ -2296,9 +2300,12 @@ mod tests {
         // Two peers at 1 in 10 missed: 2 * 0.1^3 = 1 in 500 left without
         // it, 2 * 0.1^2 = 1 in 50 too many.
         assert_eq!(sent_after(1, 9), (3, 0), "two peers, light loss");
-        // A handful of datagrams say nothing of the rate yet: the push
-        // and a summary, so a peer that lost the push asks.
+        // A handful of datagrams say little of the rate yet: copies as for
+        // the prior's heavy loss, 2 * 0.2^4 = 1 in 312 left without it,
+        // 2 * 0.2^3 = 1 in 62 too many.
         let (mut a, _) = two_settled_engines();
+        a.datagrams_heard = 0;
+        a.datagrams_missed = 0;
         let flagged = summary_datagram(10, 1, wire::FLAG_LOSS_SEEN, &a);
         a.handle_datagram(SETTLED, &flagged);
         a.set(SETTLED, WALL + SETTLED, "k", b"1").unwrap();
@@ -2308,9 +2315,31 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [wire::MessageType::Entries, wire::MessageType::Summary],
+            [wire::MessageType::Entries; 4],
             "loss rate not known yet"
         );
+    }
+
+    #[test]
+    fn the_loss_rate_is_read_right_from_peers_heard_only_a_few_times() {
+        // A hundred peers send three datagrams each, and every tenth one's
+        // second is lost: one in ten of the datagrams whose fate can be
+        // known. The first heard and the last heard were heard by choice;
+        // counting them too read this as one in twenty.
+        let (mut a, _) = two_settled_engines();
+        a.datagrams_heard = 0;
+        a.datagrams_missed = 0;
+        let mut now = SETTLED;
+        for peer in 100..200 {
+            for seq in 1..=3 {
+                now += 10;
+                if seq == 2 && peer % 10 == 0 {
+                    continue;
+                }
+                a.handle_datagram(now, &summary_datagram(peer, seq, 0, &a));
+            }
+        }
+        assert_eq!((a.datagrams_heard, a.datagrams_missed), (90, 10));
     }
 
     #[test]
