@@ -8,6 +8,7 @@
 //!     cargo run --release --example simbench -- --snapshot  # the plan tests/sim.rs checks
 //!     ... --join-keys 0 --partition-writes 0    # update figures only
 //!     ... --gwsync-only                          # while tuning
+//!     ... --updates-per-seed 5                   # 50 updates per row, not 500
 //!     cargo run --release --example simbench -- --attacks  # attack rows only
 
 use std::time::Instant;
@@ -38,6 +39,9 @@ fn main() {
     };
     if let Some(seeds) = option("--seeds") {
         plan.seeds = seeds.parse().expect("--seeds takes a number");
+    }
+    if let Some(updates) = option("--updates-per-seed") {
+        plan.updates_per_seed = updates.parse().expect("--updates-per-seed takes a number");
     }
     if let Some(ns) = list("--n") {
         plan.ns = ns.into_iter().map(|n| n as usize).collect();
