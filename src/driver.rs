@@ -524,12 +524,7 @@ impl Driver {
             }
         }
         self.receive();
-        let now = self.now();
-        self.engine.set_wall_clock(now, Self::wall_ms());
-        if self.engine.poll_timeout() <= now {
-            self.engine.handle_timeout(now);
-        }
-        self.flush_transmits();
+        self.run_due_timers();
         if self.save_not_before.is_none_or(|at| at <= self.now()) {
             self.save_not_before = None;
             self.maybe_persist(false);
@@ -702,6 +697,16 @@ impl Driver {
         self.engine.trigger(now, TriggerReason::Manual);
         self.flush_transmits();
         Ok(count)
+    }
+
+    /// Runs the engine's timers that are due and sends what they queued.
+    fn run_due_timers(&mut self) {
+        let now = self.now();
+        self.engine.set_wall_clock(now, Self::wall_ms());
+        if self.engine.poll_timeout() <= now {
+            self.engine.handle_timeout(now);
+        }
+        self.flush_transmits();
     }
 
     /// Sends what the engine queued, then handles its events.
@@ -1015,7 +1020,10 @@ impl Driver {
         self.engine
             .set(now, Self::wall_ms(), key, compact.as_bytes())
             .map_err(SetError::Write)?;
-        self.drain_events();
+        // A lone write's push is due at once: it leaves before the caller
+        // is answered (a reply first wakes the client, and on a small CPU
+        // the push then waited for the loop's next turn).
+        self.run_due_timers();
         self.persisted()
     }
 
@@ -1025,7 +1033,7 @@ impl Driver {
         self.engine
             .delete(now, Self::wall_ms(), key)
             .map_err(SetError::Write)?;
-        self.drain_events();
+        self.run_due_timers();
         self.persisted()
     }
 

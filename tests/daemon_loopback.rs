@@ -992,3 +992,39 @@ fn a_received_change_is_handed_out_before_the_state_is_written() {
     assert_eq!(reader.counters().state_writes, writes + 1);
     assert_eq!(reader.unsaved_changes(), 0);
 }
+
+/// A lone write's push leaves within `set`, before the caller is answered:
+/// the reader hears it though the writer's loop never turns again (a reply
+/// sent first wakes the client, and on a small CPU the push then waited
+/// for the loop's next turn).
+#[test]
+fn a_lone_write_leaves_before_set_returns() {
+    use gwsync::driver::{Driver, DriverConfig};
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::BorrowedFd;
+
+    let dir = TempDir::new("lone-write-in-set");
+    let port = unique_port();
+    let open = |name: &str| {
+        Driver::open(DriverConfig {
+            interfaces: vec!["lo".to_owned()],
+            port,
+            state_dir: Some(dir.path().join(name)),
+            open: true,
+            ..DriverConfig::default()
+        })
+        .unwrap()
+    };
+    let mut writer = open("writer");
+    let mut reader = open("reader");
+    writer.set("room/1", r#"{"on":true}"#).unwrap();
+    wait_until("the reader hears the write", SYNC_TIMEOUT, || {
+        // SAFETY: the driver's epoll fd lives as long as the driver.
+        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(100u16));
+        reader.process();
+        reader.get("room/1").is_some()
+    });
+    assert_eq!(reader.get("room/1").as_deref(), Some(r#"{"on":true}"#));
+}
