@@ -931,16 +931,11 @@ fn status_shows_peers_in_sync_the_last_changes_and_persistence() {
     assert_ne!(status["peers"][0]["digest"], status["digest"], "{status}");
 }
 
-/// A change heard from the group is handed out before the state write (two
-/// fsyncs: milliseconds on a router's flash) rather than after it: the
-/// write follows at the next `process`, which `timeout_ms` asks for at once.
-#[test]
-fn a_received_change_is_handed_out_before_the_state_is_written() {
+/// A writer and a reader driver on loopback, open (no key), sharing a
+/// port of their own; the directory holds their state.
+fn writer_and_reader(test: &str) -> (TempDir, gwsync::driver::Driver, gwsync::driver::Driver) {
     use gwsync::driver::{Driver, DriverConfig};
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::BorrowedFd;
-
-    let dir = TempDir::new("change-before-save");
+    let dir = TempDir::new(test);
     let port = unique_port();
     let open = |name: &str| {
         Driver::open(DriverConfig {
@@ -952,17 +947,34 @@ fn a_received_change_is_handed_out_before_the_state_is_written() {
         })
         .unwrap()
     };
-    let mut writer = open("writer");
-    let mut reader = open("reader");
+    let writer = open("writer");
+    let reader = open("reader");
+    (dir, writer, reader)
+}
+
+/// Waits up to `timeout_ms` for the driver's socket (or its timer), then
+/// lets it process.
+fn poll_and_process(driver: &mut gwsync::driver::Driver, timeout_ms: u16) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::BorrowedFd;
+    // SAFETY: the driver's epoll fd lives as long as the driver.
+    let fd = unsafe { BorrowedFd::borrow_raw(driver.fd()) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let _ = poll(&mut fds, PollTimeout::from(timeout_ms));
+    driver.process();
+}
+
+/// A change heard from the group is handed out before the state write (two
+/// fsyncs: milliseconds on a router's flash) rather than after it: the
+/// write follows at the next `process`, which `timeout_ms` asks for at once.
+#[test]
+fn a_received_change_is_handed_out_before_the_state_is_written() {
+    let (_dir, mut writer, mut reader) = writer_and_reader("change-before-save");
     writer.set("room/1", r#"{"on":true}"#).unwrap();
     writer.process();
     let mut writes_when_handed_out = None;
     wait_until("the reader hands out the write", SYNC_TIMEOUT, || {
-        // SAFETY: the driver's epoll fd lives as long as the driver.
-        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::from(100u16));
-        reader.process();
+        poll_and_process(&mut reader, 100);
         match reader.poll_change() {
             Some(change) => {
                 assert_eq!(change.key, "room/1");
@@ -981,12 +993,8 @@ fn a_received_change_is_handed_out_before_the_state_is_written() {
         gwsync::driver::SAVE_SETTLE_MS
     );
     wait_until("the reader writes its state", SYNC_TIMEOUT, || {
-        // SAFETY: as above.
-        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
         let timeout = reader.timeout_ms().unwrap_or(100).min(100) as u16;
-        let _ = poll(&mut fds, PollTimeout::from(timeout));
-        reader.process();
+        poll_and_process(&mut reader, timeout);
         reader.counters().state_writes > writes
     });
     assert_eq!(reader.counters().state_writes, writes + 1);
@@ -999,31 +1007,10 @@ fn a_received_change_is_handed_out_before_the_state_is_written() {
 /// for the loop's next turn).
 #[test]
 fn a_lone_write_leaves_before_set_returns() {
-    use gwsync::driver::{Driver, DriverConfig};
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::BorrowedFd;
-
-    let dir = TempDir::new("lone-write-in-set");
-    let port = unique_port();
-    let open = |name: &str| {
-        Driver::open(DriverConfig {
-            interfaces: vec!["lo".to_owned()],
-            port,
-            state_dir: Some(dir.path().join(name)),
-            open: true,
-            ..DriverConfig::default()
-        })
-        .unwrap()
-    };
-    let mut writer = open("writer");
-    let mut reader = open("reader");
+    let (_dir, mut writer, mut reader) = writer_and_reader("lone-write-in-set");
     writer.set("room/1", r#"{"on":true}"#).unwrap();
     wait_until("the reader hears the write", SYNC_TIMEOUT, || {
-        // SAFETY: the driver's epoll fd lives as long as the driver.
-        let fd = unsafe { BorrowedFd::borrow_raw(reader.fd()) };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::from(100u16));
-        reader.process();
+        poll_and_process(&mut reader, 100);
         reader.get("room/1").is_some()
     });
     assert_eq!(reader.get("room/1").as_deref(), Some(r#"{"on":true}"#));
