@@ -221,8 +221,10 @@ void gwsync_close(gwsync_t *g);
  * pushes it to the group; the change callback sees it too (from the next
  * `gwsync_process` in poll mode, or the background thread).
  *
- * `key` and `value_json` are borrowed for the call. In poll mode, call
- * `gwsync_timeout_ms` again afterwards: the push is due shortly.
+ * `key` and `value_json` are borrowed for the call. A lone write's push
+ * leaves within this call; a write within 2 ms of the last push waits to
+ * leave with the writes after it: in poll mode, call `gwsync_timeout_ms`
+ * again afterwards.
  *
  * Returns GWSYNC_OK; GWSYNC_ERR_INVALID: a NULL argument, not UTF-8,
  * an empty key or a value that is not JSON; GWSYNC_ERR_TOO_LARGE: key or
