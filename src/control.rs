@@ -224,11 +224,19 @@ struct Client {
     /// Read side finished (EOF or error): close once the outbox is sent.
     done_reading: bool,
     broken: bool,
+    /// Poll reported input (or was not asked): only then is a read tried,
+    /// as a read that finds nothing costs a system call per client per wake.
+    readable: bool,
     /// When a byte last moved either way (ms since the server started).
     last_progress_ms: u64,
 }
 
 impl Client {
+    /// A whole request read and its turn come: the previous reply has left.
+    fn has_request_to_answer(&self) -> bool {
+        !self.broken && self.outbox.is_empty() && self.inbox.contains(&b'\n')
+    }
+
     /// Between requests: nothing half-read, nothing owed. Such a client
     /// costs only its fd and may be evicted for a new one.
     fn is_idle(&self) -> bool {
@@ -330,8 +338,13 @@ impl ControlServer {
     }
 
     /// Milliseconds until a client may time out, so the daemon's poll
-    /// wakes for it; `None` when none can.
+    /// wakes for it, or 0 when a pipelined request is waiting (its bytes
+    /// were read with an earlier one, so poll would not wake for it);
+    /// `None` when nothing is due.
     pub fn timeout_ms(&self) -> Option<u64> {
+        if self.clients.iter().any(Client::has_request_to_answer) {
+            return Some(0);
+        }
         let now = self.now();
         self.clients
             .iter()
@@ -341,9 +354,22 @@ impl ControlServer {
     }
 
     /// Accepts, reads, answers and writes whatever is ready; never blocks.
-    pub fn process(&mut self, driver: &mut Driver) {
+    /// `ready` says, for each fd of the last [`ControlServer::poll_fds`] in
+    /// order, whether poll returned an event for it; fds past its end count
+    /// as ready.
+    pub fn process(&mut self, driver: &mut Driver, ready: &[bool]) {
         let now = self.now();
-        for _ in 0..ACCEPTS_PER_PROCESS_MAX {
+        let mut ready = ready.iter().copied().chain(std::iter::repeat(true));
+        let listener_ready = ready.next().unwrap_or(true);
+        for client in &mut self.clients {
+            client.readable = ready.next().unwrap_or(true);
+        }
+        let accepts = if listener_ready {
+            ACCEPTS_PER_PROCESS_MAX
+        } else {
+            0
+        };
+        for _ in 0..accepts {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.clients.len() >= CLIENTS_MAX {
@@ -435,6 +461,7 @@ impl ControlServer {
             watching: false,
             done_reading: false,
             broken: false,
+            readable: true,
             last_progress_ms: now,
         });
     }
@@ -513,7 +540,7 @@ impl Client {
                 self.done_reading = true;
                 break;
             }
-            if self.done_reading {
+            if self.done_reading || !self.readable {
                 break;
             }
             match self.stream.read(&mut buf) {
@@ -521,8 +548,14 @@ impl Client {
                 Ok(len) => {
                     self.last_progress_ms = now;
                     self.inbox.extend_from_slice(&buf[..len]);
+                    // A short read emptied the socket; poll tells when more
+                    // arrives, so no read is spent to learn there is none.
+                    self.readable = len == buf.len();
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    break;
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => self.broken = true,
             }

@@ -21,7 +21,10 @@
 //! [`Driver::fd`] is an epoll fd holding the group socket and the interface
 //! watch. It stays the same fd for the driver's life, however often the
 //! socket is rebuilt (method step 5: nothing heard for the quiet period),
-//! so a caller registers it once.
+//! so a caller registers it once. A caller that polls the socket and the
+//! watch itself ([`Driver::poll_fds`], as the daemon does) calls
+//! [`Driver::process_ready`] instead, which reads only what poll found
+//! ready.
 //!
 //! # Interfaces
 //!
@@ -43,7 +46,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -295,6 +298,25 @@ fn worth_logging(count: u64) -> bool {
     count.is_power_of_two()
 }
 
+/// One value for each of the driver's descriptors: the fds
+/// ([`Driver::poll_fds`]) or whether poll found them readable
+/// ([`Readiness`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Sources<T> {
+    pub datagrams: T,
+    pub link: T,
+}
+
+pub type Readiness = Sources<bool>;
+
+impl Readiness {
+    /// Nothing known: probe both, as [`Driver::process`] does.
+    pub const UNKNOWN: Readiness = Sources {
+        datagrams: true,
+        link: true,
+    };
+}
+
 /// One gateway: an engine, its socket, its clock and its state.
 pub struct Driver {
     config: DriverConfig,
@@ -512,7 +534,25 @@ impl Driver {
     /// datagrams, handles interface changes, runs due timers, sends, and
     /// writes the state when the debounce (and [`SAVE_SETTLE_MS`]) allows.
     pub fn process(&mut self) {
-        if self.link_watch.as_ref().is_some_and(LinkWatch::drain) {
+        self.process_ready(Readiness::UNKNOWN);
+    }
+
+    /// The group socket and the interface watch (either may be absent), for
+    /// a caller that polls them itself rather than [`Driver::fd`] and so
+    /// can tell [`Driver::process_ready`] which have input. Fetch them
+    /// before each poll: the socket is rebuilt now and then.
+    pub fn poll_fds(&self) -> Sources<Option<BorrowedFd<'_>>> {
+        Sources {
+            datagrams: self.socket.as_ref().map(AsFd::as_fd),
+            link: self.link_watch.as_ref().map(AsFd::as_fd),
+        }
+    }
+
+    /// [`Driver::process`] that reads only the descriptors poll found
+    /// readable: on a receiving gateway a wake is one datagram, and the
+    /// probes of the rest cost more than handling it.
+    pub fn process_ready(&mut self, ready: Readiness) {
+        if ready.link && self.link_watch.as_ref().is_some_and(LinkWatch::drain) {
             self.check_interfaces();
         }
         if self.retry_due.is_some_and(|due| due <= self.now()) {
@@ -523,7 +563,9 @@ impl Driver {
                 self.check_interfaces();
             }
         }
-        self.receive();
+        if ready.datagrams {
+            self.receive();
+        }
         self.run_due_timers();
         if self.save_not_before.is_none_or(|at| at <= self.now()) {
             self.save_not_before = None;

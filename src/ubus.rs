@@ -997,8 +997,9 @@ impl Ubus {
     }
 
     /// Connects when due, reads and answers what ubusd sent, writes what is
-    /// pending; never blocks.
-    pub fn process(&mut self, driver: &mut Driver) {
+    /// pending; never blocks. The socket is read only when `readable` (poll
+    /// said so), sparing a read that finds nothing on every wake.
+    pub fn process(&mut self, driver: &mut Driver, readable: bool) {
         if self.conn.is_none() && Instant::now() >= self.next_attempt {
             self.connect();
         }
@@ -1007,13 +1008,18 @@ impl Ubus {
         };
         let mut buf = [0u8; 16 * 1024];
         let mut dropped = None;
-        loop {
+        let mut readable = readable;
+        while readable {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
                     dropped = Some(Lost::Closed);
                     break;
                 }
-                Ok(len) => conn.inbox.extend_from_slice(&buf[..len]),
+                Ok(len) => {
+                    conn.inbox.extend_from_slice(&buf[..len]);
+                    // A short read emptied the socket; poll says when more comes.
+                    readable = len == buf.len();
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {

@@ -1015,3 +1015,62 @@ fn a_lone_write_leaves_before_set_returns() {
     });
     assert_eq!(reader.get("room/1").as_deref(), Some(r#"{"on":true}"#));
 }
+
+/// Requests sent together arrive in one read; the second and later ones
+/// are answered on the loop's next turns, which the server asks for at
+/// once. Before, poll waited for bytes that had already been read, and a
+/// pipelined request sat until some timer fired (650 ms on a quiet
+/// gateway, seconds later in Trickle's life).
+#[test]
+fn pipelined_requests_are_answered_without_waiting_for_a_timer() {
+    use gwsync::control::ControlServer;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::{BufRead, BufReader, Write};
+    const REQUESTS: usize = 3;
+    let (dir, mut driver, _reader) = writer_and_reader("pipelined");
+    let mut control = ControlServer::bind(&dir.path().join("control.sock")).unwrap();
+    let mut client = std::os::unix::net::UnixStream::connect(control.path()).unwrap();
+    client
+        .write_all(
+            &br#"{"op":"get","key":"a"}
+"#
+            .repeat(REQUESTS),
+        )
+        .unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut replies = BufReader::new(client);
+    let mut answered = 0;
+    for turn in 0..4 * REQUESTS {
+        let ready: Vec<bool> = {
+            let wanted = control.poll_fds();
+            let mut fds: Vec<PollFd<'_>> = wanted
+                .iter()
+                .map(|&(fd, _, wants_write)| {
+                    let mut flags = PollFlags::POLLIN;
+                    flags.set(PollFlags::POLLOUT, wants_write);
+                    PollFd::new(fd, flags)
+                })
+                .collect();
+            poll(&mut fds, PollTimeout::ZERO).unwrap();
+            fds.iter()
+                .map(|fd| fd.revents().is_some_and(|events| !events.is_empty()))
+                .collect()
+        };
+        assert!(
+            ready.contains(&true) || control.timeout_ms() == Some(0),
+            "turn {turn}: {} request(s) unanswered, yet nothing would wake the server",
+            REQUESTS - answered
+        );
+        control.process(&mut driver, &ready);
+        let mut line = String::new();
+        while replies.read_line(&mut line).is_ok_and(|len| len > 0) {
+            assert!(line.contains(r#""error":"not_found""#), "{line}");
+            answered += 1;
+            line.clear();
+        }
+        if answered == REQUESTS {
+            break;
+        }
+    }
+    assert_eq!(answered, REQUESTS);
+}

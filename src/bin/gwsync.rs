@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use gwsync::control::{self, ControlServer};
-use gwsync::driver::{self, Driver};
+use gwsync::driver::{self, Driver, Readiness};
 use gwsync::engine::TriggerReason;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -606,37 +606,52 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
             .min(control.timeout_ms().unwrap_or(60_000))
             .min(ubus.as_ref().and_then(|u| u.timeout_ms()).unwrap_or(60_000))
             .min(60_000);
-        let ready = {
-            let control_fds = control.poll_fds();
-            let mut fds = vec![
-                PollFd::new(driver.as_fd(), PollFlags::POLLIN),
-                PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
-            ];
-            let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
-            let ubus_fd = ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write));
-            for (fd, wants_read, wants_write) in control_fds.into_iter().chain(ubus_fd) {
+        let driver_fds = driver.poll_fds();
+        let control_fds = control.poll_fds();
+        let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
+        let readable = |fd| (fd, true, false);
+        // In this order, so each owner can be told which of its fds were
+        // ready.
+        let wanted: Vec<(BorrowedFd<'_>, bool, bool)> = [driver_fds.datagrams, driver_fds.link]
+            .into_iter()
+            .flatten()
+            .map(readable)
+            .chain([readable(signal_fd.as_fd())])
+            .chain(control_fds.iter().copied())
+            .chain(ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write)))
+            .collect();
+        let mut fds: Vec<PollFd<'_>> = wanted
+            .iter()
+            .map(|&(fd, wants_read, wants_write)| {
                 let mut flags = PollFlags::empty();
-                if wants_read {
-                    flags |= PollFlags::POLLIN;
-                }
-                if wants_write {
-                    flags |= PollFlags::POLLOUT;
-                }
-                fds.push(PollFd::new(fd, flags));
-            }
-            poll(
-                &mut fds,
-                PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX),
-            )
-        };
-        match ready {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(errno) => {
+                flags.set(PollFlags::POLLIN, wants_read);
+                flags.set(PollFlags::POLLOUT, wants_write);
+                PollFd::new(fd, flags)
+            })
+            .collect();
+        let polled = poll(
+            &mut fds,
+            PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX),
+        );
+        if let Err(errno) = polled {
+            if errno != nix::errno::Errno::EINTR {
                 log::error!("poll: {errno}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        while let Ok(Some(info)) = signal_fd.read_signal() {
+        // After a failed poll nothing is known: every fd counts as ready.
+        let mut ready = fds
+            .iter()
+            .map(|fd| polled.is_err() || fd.revents().is_some_and(|events| !events.is_empty()));
+        let driver_ready = Readiness {
+            datagrams: driver_fds.datagrams.is_some() && ready.next().unwrap_or(true),
+            link: driver_fds.link.is_some() && ready.next().unwrap_or(true),
+        };
+        let signal_ready = ready.next().unwrap_or(true);
+        let control_ready: Vec<bool> = ready.by_ref().take(control_fds.len()).collect();
+        let ubus_ready = ready.next().unwrap_or(true);
+        drop(fds);
+        while signal_ready && let Ok(Some(info)) = signal_fd.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => stopping = true,
                 Ok(Signal::SIGUSR1) => {
@@ -651,10 +666,10 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
                 _ => log::info!("ignoring signal {}", info.ssi_signo),
             }
         }
-        driver.process();
-        control.process(&mut driver);
+        driver.process_ready(driver_ready);
+        control.process(&mut driver, &control_ready);
         if let Some(ubus) = &mut ubus {
-            ubus.process(&mut driver);
+            ubus.process(&mut driver, ubus_ready);
         }
         while let Some(change) = driver.poll_change() {
             control.broadcast(&change);
