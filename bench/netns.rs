@@ -177,7 +177,7 @@ fn floor_propagation(lan: &Lan, dir: &Path, tag: &str, writes: usize, gap: Durat
 
 fn latency_row(label: &str, latencies: &Latencies) -> String {
     format!(
-        "| {label} | {:.1} | {:.1} | {:.1} | {} |",
+        "| {label} | {:.2} | {:.2} | {:.1} | {} |",
         latencies.percentile(0.5),
         latencies.percentile(0.99),
         latencies.max(),

@@ -1074,3 +1074,57 @@ fn pipelined_requests_are_answered_without_waiting_for_a_timer() {
     }
     assert_eq!(answered, REQUESTS);
 }
+
+/// A request is answered before its bytes are taken from the socket:
+/// taking them frees the client's send buffer, which wakes a client blocked
+/// on the reply, and that wake must not come before a write's push has
+/// left (on a small CPU the client preempted the daemon).
+#[test]
+fn a_write_leaves_before_its_request_is_taken_from_the_socket() {
+    use gwsync::control::ControlServer;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsRawFd;
+    use std::sync::{Arc, Mutex};
+    /// Bytes the client sent that the daemon has not taken yet.
+    fn unread_by_daemon(client: std::os::fd::RawFd) -> libc::c_int {
+        let mut queued: libc::c_int = -1;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int; `client` is open.
+        let result = unsafe { libc::ioctl(client, libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(result, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        queued
+    }
+    let (dir, mut driver, _reader) = writer_and_reader("answer-then-take");
+    let mut control = ControlServer::bind(&dir.path().join("control.sock")).unwrap();
+    let mut client = std::os::unix::net::UnixStream::connect(control.path()).unwrap();
+    let client_fd = client.as_raw_fd();
+    let unread_when_applied = Arc::new(Mutex::new(None));
+    let seen = Arc::clone(&unread_when_applied);
+    driver.on_change(Some(Box::new(move |_| {
+        *seen.lock().unwrap() = Some(unread_by_daemon(client_fd));
+    })));
+    let pushes_before = driver.status().counters.pushes_sent;
+    client
+        .write_all(b"{\"op\":\"set\",\"key\":\"room/1\",\"value\":1}\n")
+        .unwrap();
+    control.process(&mut driver, &[]);
+    assert!(
+        driver.status().counters.pushes_sent > pushes_before,
+        "the push left"
+    );
+    let unread = unread_when_applied
+        .lock()
+        .unwrap()
+        .expect("the write was applied");
+    assert!(
+        unread > 0,
+        "the request was taken before the write was sent"
+    );
+    assert_eq!(
+        unread_by_daemon(client_fd),
+        0,
+        "the request was taken after"
+    );
+    let mut reply = String::new();
+    BufReader::new(client).read_line(&mut reply).unwrap();
+    assert_eq!(reply.trim(), r#"{"ok":true}"#);
+}
