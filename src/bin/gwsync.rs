@@ -651,7 +651,12 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         let control_ready: Vec<bool> = ready.by_ref().take(control_fds.len()).collect();
         let ubus_ready = ready.next().unwrap_or(true);
         drop(fds);
-        while signal_ready && let Ok(Some(info)) = signal_fd.read_signal() {
+        let next_signal = || {
+            signal_ready
+                .then(|| signal_fd.read_signal().ok().flatten())
+                .flatten()
+        };
+        while let Some(info) = next_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => stopping = true,
                 Ok(Signal::SIGUSR1) => {
