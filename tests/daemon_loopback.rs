@@ -1016,6 +1016,19 @@ fn a_lone_write_leaves_before_set_returns() {
     assert_eq!(reader.get("room/1").as_deref(), Some(r#"{"on":true}"#));
 }
 
+/// A control server in `dir`, run in-process as the daemon runs it, and
+/// one client connected to it.
+fn control_server_and_client(
+    dir: &TempDir,
+) -> (
+    gwsync::control::ControlServer,
+    std::os::unix::net::UnixStream,
+) {
+    let control = gwsync::control::ControlServer::bind(&dir.path().join("control.sock")).unwrap();
+    let client = std::os::unix::net::UnixStream::connect(control.path()).unwrap();
+    (control, client)
+}
+
 /// Requests sent together arrive in one read; the second and later ones
 /// are answered on the loop's next turns, which the server asks for at
 /// once. Before, poll waited for bytes that had already been read, and a
@@ -1023,13 +1036,11 @@ fn a_lone_write_leaves_before_set_returns() {
 /// gateway, seconds later in Trickle's life).
 #[test]
 fn pipelined_requests_are_answered_without_waiting_for_a_timer() {
-    use gwsync::control::ControlServer;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::io::{BufRead, BufReader, Write};
     const REQUESTS: usize = 3;
     let (dir, mut driver, _reader) = writer_and_reader("pipelined");
-    let mut control = ControlServer::bind(&dir.path().join("control.sock")).unwrap();
-    let mut client = std::os::unix::net::UnixStream::connect(control.path()).unwrap();
+    let (mut control, mut client) = control_server_and_client(&dir);
     client
         .write_all(
             &br#"{"op":"get","key":"a"}
@@ -1081,7 +1092,6 @@ fn pipelined_requests_are_answered_without_waiting_for_a_timer() {
 /// left (on a small CPU the client preempted the daemon).
 #[test]
 fn a_write_leaves_before_its_request_is_taken_from_the_socket() {
-    use gwsync::control::ControlServer;
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::AsRawFd;
     use std::sync::{Arc, Mutex};
@@ -1094,8 +1104,7 @@ fn a_write_leaves_before_its_request_is_taken_from_the_socket() {
         queued
     }
     let (dir, mut driver, _reader) = writer_and_reader("answer-then-take");
-    let mut control = ControlServer::bind(&dir.path().join("control.sock")).unwrap();
-    let mut client = std::os::unix::net::UnixStream::connect(control.path()).unwrap();
+    let (mut control, mut client) = control_server_and_client(&dir);
     let client_fd = client.as_raw_fd();
     let unread_when_applied = Arc::new(Mutex::new(None));
     let seen = Arc::clone(&unread_when_applied);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -612,17 +612,14 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         let readable = |fd| (fd, true, false);
         // In this order, so each owner can be told which of its fds were
         // ready.
-        let wanted: Vec<(BorrowedFd<'_>, bool, bool)> = [driver_fds.datagrams, driver_fds.link]
+        let mut fds: Vec<PollFd<'_>> = [driver_fds.datagrams, driver_fds.link]
             .into_iter()
             .flatten()
             .map(readable)
             .chain([readable(signal_fd.as_fd())])
             .chain(control_fds.iter().copied())
             .chain(ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write)))
-            .collect();
-        let mut fds: Vec<PollFd<'_>> = wanted
-            .iter()
-            .map(|&(fd, wants_read, wants_write)| {
+            .map(|(fd, wants_read, wants_write)| {
                 let mut flags = PollFlags::empty();
                 flags.set(PollFlags::POLLIN, wants_read);
                 flags.set(PollFlags::POLLOUT, wants_write);
