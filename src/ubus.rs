@@ -1006,9 +1006,16 @@ impl Ubus {
         let Some(conn) = &mut self.conn else {
             return;
         };
-        let mut buf = [0u8; 16 * 1024];
         let mut dropped = None;
         let mut readable = readable;
+        // Only when there is something to read: most wakes are for the
+        // group socket, and zeroing the buffer costs about what a datagram
+        // does.
+        let mut buf = if readable {
+            vec![0u8; 16 * 1024]
+        } else {
+            Vec::new()
+        };
         while readable {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
