@@ -1,6 +1,8 @@
 //! Issue 3 benchmark: N gateways, one daemon per network namespace, all on
 //! one bridge. Run as root: `cargo bench --bench netns` (add `-- --quick`
-//! to skip the idle-traffic measurement, which needs minutes of quiet).
+//! to skip the idle-traffic measurement, which needs minutes of quiet, or
+//! `-- --pairs K` for only the N = 8 lossless p50 beside the floor's, K
+//! times in turn).
 //!
 //! Prints, for N = 3 and N = 8: propagation latency from `set` on one
 //! gateway to the value being readable on every other (time until the last
@@ -291,6 +293,51 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
     rows
 }
 
+/// `--pairs K`: the N = 8 lossless stream and then the floor's, K times in
+/// turn on one LAN. On a 2-vCPU VM one run's p50 moves by up to 0.1 ms from
+/// one minute to the next with the host's load, the floor's with it, so
+/// the pairs show what is gwsync's: each p50 and their ratio, and the
+/// medians.
+fn paired_runs(pairs: usize) -> Vec<String> {
+    const NODES: usize = 8;
+    let lan = lan::lan_up("bench", NODES);
+    let port = unique_port();
+    let dir = TempDir::new("bench");
+    lan::cleanup_register_dir(dir.path());
+    let daemons = lan::start_gwsync(&lan, dir.path(), port);
+    let mut rows = vec![
+        format!("| N={NODES} lossless, pair | gwsync p50 ms | floor p50 ms | gwsync / floor |"),
+        "|---|---|---|---|".to_owned(),
+    ];
+    let (mut ours, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 1..=pairs {
+        let tag = format!("pair{pair}");
+        let gap = Duration::from_millis(50);
+        let gwsync = gwsync_propagation(&daemons, &tag, WRITES, gap, Duration::from_secs(30))
+            .percentile(0.5);
+        let floor = floor_propagation(&lan, dir.path(), &tag, WRITES, gap).percentile(0.5);
+        rows.push(format!(
+            "| {pair} | {gwsync:.2} | {floor:.2} | {:.2} |",
+            gwsync / floor
+        ));
+        ours.push(gwsync);
+        floors.push(floor);
+        ratios.push(gwsync / floor);
+        eprintln!("pair {pair} done");
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        lan::percentile(&values, 0.5)
+    };
+    rows.push(format!(
+        "| median of {pairs} | {:.2} | {:.2} | {:.2} |",
+        median(ours),
+        median(floors),
+        median(ratios)
+    ));
+    rows
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|arg| arg == "--floor-relay") {
@@ -301,6 +348,15 @@ fn main() {
         return;
     }
     lan::cleanup_on_signal();
+    if let Some(at) = args.iter().position(|arg| arg == "--pairs") {
+        let pairs = args
+            .get(at + 1)
+            .and_then(|count| count.parse().ok())
+            .filter(|&count| count > 0)
+            .expect("--pairs K: a count above 0");
+        println!("{}", paired_runs(pairs).join("\n"));
+        return;
+    }
     let quick = std::env::args().any(|arg| arg == "--quick");
     let mut rows = vec![
         "| case | p50 ms | p99 ms | max ms | writes not converged |".to_owned(),
