@@ -187,12 +187,19 @@ fn latency_row(label: &str, latencies: &Latencies) -> String {
     )
 }
 
-fn run(nodes: usize, quick: bool) -> Vec<String> {
+/// `nodes` namespaces on a bridge with a gwsync daemon in each, on a port
+/// of their own.
+fn gwsync_lan(nodes: usize) -> (Lan, TempDir, u16, Vec<common::Daemon>) {
     let lan = lan::lan_up("bench", nodes);
     let port = unique_port();
     let dir = TempDir::new("bench");
     lan::cleanup_register_dir(dir.path());
     let daemons = lan::start_gwsync(&lan, dir.path(), port);
+    (lan, dir, port, daemons)
+}
+
+fn run(nodes: usize, quick: bool) -> Vec<String> {
+    let (lan, dir, port, daemons) = gwsync_lan(nodes);
     let mut rows = Vec::new();
     let lossless = gwsync_propagation(
         &daemons,
@@ -300,19 +307,15 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
 /// medians.
 fn paired_runs(pairs: usize) -> Vec<String> {
     const NODES: usize = 8;
-    let lan = lan::lan_up("bench", NODES);
-    let port = unique_port();
-    let dir = TempDir::new("bench");
-    lan::cleanup_register_dir(dir.path());
-    let daemons = lan::start_gwsync(&lan, dir.path(), port);
+    let (lan, dir, _, daemons) = gwsync_lan(NODES);
     let mut rows = vec![
         format!("| N={NODES} lossless, pair | gwsync p50 ms | floor p50 ms | gwsync / floor |"),
         "|---|---|---|---|".to_owned(),
     ];
     let (mut ours, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let gap = Duration::from_millis(50);
     for pair in 1..=pairs {
         let tag = format!("pair{pair}");
-        let gap = Duration::from_millis(50);
         let gwsync = gwsync_propagation(&daemons, &tag, WRITES, gap, Duration::from_secs(30))
             .percentile(0.5);
         let floor = floor_propagation(&lan, dir.path(), &tag, WRITES, gap).percentile(0.5);
