@@ -900,6 +900,8 @@ enum Lost {
 /// What the ubus side did, for logs and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Connections made to ubusd (each a new descriptor to wait on).
+    pub connects: u64,
     /// Times the object was registered (1 + re-registrations).
     pub registrations: u64,
     /// Connections lost (ubusd exited or closed us).
@@ -977,6 +979,12 @@ impl Ubus {
             .and_then(|conn| conn.object)
     }
 
+    /// Connections made so far: a new one is a new fd to wait on, even
+    /// under the number of the last.
+    pub fn connects(&self) -> u64 {
+        self.counters.connects
+    }
+
     /// The fd to poll (readable, and writable when it wants to write).
     pub fn poll_fd(&self) -> Option<(BorrowedFd<'_>, bool)> {
         self.conn
@@ -988,10 +996,13 @@ impl Ubus {
     pub fn timeout_ms(&self) -> Option<u64> {
         match self.conn {
             Some(_) => None,
+            // Rounded up: 0 while the attempt is not yet due would spin
+            // the daemon's wait for up to a millisecond.
             None => Some(
                 self.next_attempt
                     .saturating_duration_since(Instant::now())
-                    .as_millis() as u64,
+                    .as_nanos()
+                    .div_ceil(1_000_000) as u64,
             ),
         }
     }
@@ -1112,6 +1123,7 @@ impl Ubus {
         match attempt {
             Ok(stream) => {
                 log::debug!("ubus: connected to {}", self.path.display());
+                self.counters.connects += 1;
                 self.conn = Some(Conn {
                     stream,
                     inbox: Vec::new(),
@@ -1354,6 +1366,15 @@ mod tests {
         let mut json = String::new();
         blobmsg_to_json(&mut json, &attr.msg().unwrap(), 0).unwrap();
         json
+    }
+
+    #[test]
+    fn a_reconnect_less_than_a_millisecond_away_is_waited_for_not_polled() {
+        let mut ubus = Ubus::new(Path::new("/nonexistent/ubus.sock"));
+        ubus.next_attempt = Instant::now() + std::time::Duration::from_micros(500);
+        assert_eq!(ubus.timeout_ms(), Some(1));
+        ubus.next_attempt = Instant::now();
+        assert_eq!(ubus.timeout_ms(), Some(0));
     }
 
     #[test]

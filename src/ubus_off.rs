@@ -23,6 +23,10 @@ impl Ubus {
         Ubus
     }
 
+    pub fn connects(&self) -> u64 {
+        0
+    }
+
     pub fn poll_fd(&self) -> Option<(BorrowedFd<'_>, bool)> {
         None
     }
@@ -31,7 +35,7 @@ impl Ubus {
         None
     }
 
-    pub fn process(&mut self, _driver: &mut Driver) {}
+    pub fn process(&mut self, _driver: &mut Driver, _readable: bool) {}
 
     pub fn broadcast(&mut self, _change: &ChangeEvent) {}
 }

@@ -21,6 +21,8 @@ use serde_json::value::RawValue;
 #[cfg(feature = "demo")]
 #[path = "gwsync/demo.rs"]
 mod demo;
+#[path = "gwsync/waiter.rs"]
+mod waiter;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -559,9 +561,11 @@ fn init_logging(level: log::LevelFilter, foreground: bool, syslog: bool) {
 // ----------------------------------------------------------------- daemon
 
 fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::epoll::EpollTimeout;
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use waiter::{Interest, Waiter};
 
     let config_failure = |failure: gwsync::config::ConfigError| match failure.kind {
         gwsync::config::ConfigErrorKind::Invalid => usage(failure.message),
@@ -597,6 +601,7 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
     log::info!("gwsync {VERSION} serving {}", control.path().display());
     let mut ubus = (!options.ubus_socket.as_os_str().is_empty())
         .then(|| gwsync::ubus::Ubus::new(&options.ubus_socket));
+    let mut waiter = Waiter::new().map_err(|errno| error(format!("epoll: {errno}")))?;
     let mut stopping = false;
     while !stopping {
         // Cap the wait so a clock oddity can never park the loop for long.
@@ -609,45 +614,54 @@ fn run_daemon(socket: Option<PathBuf>, args: Vec<String>) -> Result<(), Failure>
         let driver_fds = driver.poll_fds();
         let control_fds = control.poll_fds();
         let ubus_fd = ubus.as_ref().and_then(|u| u.poll_fd());
-        let readable = |fd| (fd, true, false);
+        let interest = |readable, writable| Interest { readable, writable };
         // In this order, so each owner can be told which of its fds were
         // ready.
-        let mut fds: Vec<PollFd<'_>> = [driver_fds.datagrams, driver_fds.link]
+        let wanted: Vec<(BorrowedFd<'_>, Interest)> = [driver_fds.datagrams, driver_fds.link]
             .into_iter()
             .flatten()
-            .map(readable)
-            .chain([readable(signal_fd.as_fd())])
-            .chain(control_fds.iter().copied())
-            .chain(ubus_fd.map(|(fd, wants_write)| (fd, true, wants_write)))
-            .map(|(fd, wants_read, wants_write)| {
-                let mut flags = PollFlags::empty();
-                flags.set(PollFlags::POLLIN, wants_read);
-                flags.set(PollFlags::POLLOUT, wants_write);
-                PollFd::new(fd, flags)
-            })
+            .chain([signal_fd.as_fd()])
+            .map(|fd| (fd, Interest::READABLE))
+            .chain(
+                control_fds
+                    .iter()
+                    .map(|&(fd, readable, writable)| (fd, interest(readable, writable))),
+            )
+            .chain(ubus_fd.map(|(fd, writable)| (fd, interest(true, writable))))
             .collect();
-        let polled = poll(
-            &mut fds,
-            PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX),
+        let opened = driver.counters().socket_opens
+            + control.counters().clients_accepted
+            + ubus.as_ref().map_or(0, |u| u.connects());
+        let waited = waiter.wait(
+            &wanted,
+            opened,
+            EpollTimeout::try_from(wait_ms).unwrap_or(EpollTimeout::MAX),
         );
-        if let Err(errno) = polled {
+        if let Err(errno) = waited {
             if errno != nix::errno::Errno::EINTR {
-                log::error!("poll: {errno}");
+                log::error!("waiting for input: {errno}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        // After a failed poll nothing is known: every fd counts as ready.
-        let mut ready = fds
-            .iter()
-            .map(|fd| polled.is_err() || fd.revents().is_some_and(|events| !events.is_empty()));
-        let driver_ready = Readiness {
-            datagrams: driver_fds.datagrams.is_some() && ready.next().unwrap_or(true),
-            link: driver_fds.link.is_some() && ready.next().unwrap_or(true),
+        // After a failed wait nothing is known: every fd counts as ready.
+        let is_ready = |fd: Option<BorrowedFd<'_>>| {
+            fd.is_some_and(|fd| {
+                waited
+                    .as_ref()
+                    .map_or(true, |ready| ready.contains(&fd.as_raw_fd()))
+            })
         };
-        let signal_ready = ready.next().unwrap_or(true);
-        let control_ready: Vec<bool> = ready.by_ref().take(control_fds.len()).collect();
-        let ubus_ready = ready.next().unwrap_or(true);
-        drop(fds);
+        let driver_ready = Readiness {
+            datagrams: is_ready(driver_fds.datagrams),
+            link: is_ready(driver_fds.link),
+        };
+        let signal_ready = is_ready(Some(signal_fd.as_fd()));
+        let control_ready: Vec<bool> = control_fds
+            .iter()
+            .map(|&(fd, _, _)| is_ready(Some(fd)))
+            .collect();
+        let ubus_ready = ubus_fd.is_none() || is_ready(ubus_fd.map(|(fd, _)| fd));
+        drop(wanted);
         let next_signal = || {
             signal_ready
                 .then(|| signal_fd.read_signal().ok().flatten())
