@@ -71,6 +71,10 @@ const RECV_BUFFER_BYTES: usize = 64 * 1024;
 /// Datagrams taken per [`Driver::process`] call, so one call stays short
 /// and a flood cannot starve the control socket. The fd stays readable.
 const DATAGRAMS_PER_PROCESS_MAX: usize = 256;
+/// A datagram that follows the last one by at least this long came alone:
+/// [`Driver::process_ready`] reads it without the read that would find the
+/// socket empty. Closer ones are a burst, read until the socket is empty.
+const LONE_DATAGRAM_GAP_MS: u64 = 2;
 /// Change events kept for [`Driver::poll_change`] when nobody drains them.
 const CHANGES_QUEUED_MAX: usize = 65_536;
 /// Retry period for interfaces that are missing or failed to join, and for
@@ -231,6 +235,8 @@ pub struct DriverCounters {
     pub recv_errors: u64,
     pub recv_truncated: u64,
     pub recv_interrupted: u64,
+    /// Datagrams read alone (see [`Driver::process_ready`]).
+    pub recv_alone: u64,
     pub send_errors: u64,
     pub send_no_buffers: u64,
     pub socket_opens: u64,
@@ -336,6 +342,7 @@ pub struct Driver {
     on_change: Option<ChangeCallback>,
     counters: DriverCounters,
     recv_buffer: Vec<u8>,
+    last_datagram_ms: Option<u64>,
     recent_changes: VecDeque<RecentChange>,
     other_key: BTreeMap<IpAddr, OtherKeySender>,
     other_key_warned_at: Option<u64>,
@@ -474,6 +481,7 @@ impl Driver {
             on_change: None,
             counters: DriverCounters::default(),
             recv_buffer: vec![0; RECV_BUFFER_BYTES],
+            last_datagram_ms: None,
             recent_changes: VecDeque::new(),
             other_key: BTreeMap::new(),
             other_key_warned_at: None,
@@ -534,7 +542,7 @@ impl Driver {
     /// datagrams, handles interface changes, runs due timers, sends, and
     /// writes the state when the debounce (and [`SAVE_SETTLE_MS`]) allows.
     pub fn process(&mut self) {
-        self.process_ready(Readiness::UNKNOWN);
+        self.process_sources(Readiness::UNKNOWN, true);
     }
 
     /// The group socket and the interface watch (either may be absent), for
@@ -550,8 +558,14 @@ impl Driver {
 
     /// [`Driver::process`] that reads only the descriptors poll found
     /// readable: on a receiving gateway a wake is one datagram, and the
-    /// probes of the rest cost more than handling it.
+    /// probes of the rest cost more than handling it. For the same reason
+    /// a datagram that came alone is read alone, so the caller's wait must
+    /// be level-triggered: one left behind ends the next wait at once.
     pub fn process_ready(&mut self, ready: Readiness) {
+        self.process_sources(ready, false);
+    }
+
+    fn process_sources(&mut self, ready: Readiness, drain: bool) {
         if ready.link && self.link_watch.as_ref().is_some_and(LinkWatch::drain) {
             self.check_interfaces();
         }
@@ -564,7 +578,7 @@ impl Driver {
             }
         }
         if ready.datagrams {
-            self.receive();
+            self.receive(drain);
         }
         self.run_due_timers();
         if self.save_not_before.is_none_or(|at| at <= self.now()) {
@@ -573,15 +587,27 @@ impl Driver {
         }
     }
 
-    fn receive(&mut self) {
+    /// Reads datagrams until the socket is empty, or only the first when
+    /// `drain` is false and it came alone.
+    fn receive(&mut self, drain: bool) {
         let Some(socket) = &self.socket else { return };
         let mut taken = 0;
         let mut other_key_heard = Vec::new();
-        while taken < DATAGRAMS_PER_PROCESS_MAX {
+        let mut alone = false;
+        while taken < DATAGRAMS_PER_PROCESS_MAX && !alone {
             match socket.recv_from(&mut self.recv_buffer) {
                 Ok((Received::Datagram(len), from)) => {
                     taken += 1;
                     let now = self.start.elapsed().as_millis() as u64;
+                    alone = !drain
+                        && taken == 1
+                        && self
+                            .last_datagram_ms
+                            .is_none_or(|last| now.saturating_sub(last) >= LONE_DATAGRAM_GAP_MS);
+                    self.last_datagram_ms = Some(now);
+                    if alone {
+                        self.counters.recv_alone += 1;
+                    }
                     self.engine.set_wall_clock(now, Self::wall_ms());
                     let before = other_key_drops(self.engine.counters());
                     self.engine.handle_datagram(now, &self.recv_buffer[..len]);

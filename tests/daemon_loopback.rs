@@ -1137,3 +1137,72 @@ fn a_write_leaves_before_its_request_is_taken_from_the_socket() {
     BufReader::new(client).read_line(&mut reply).unwrap();
     assert_eq!(reply.trim(), r#"{"ok":true}"#);
 }
+
+/// Sends `count` datagrams (not gwsync's: the reader counts and drops
+/// them) to the group on loopback, where `reader` listens on `port`.
+fn send_junk_to_group(port: u16, count: usize) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    socket
+        .set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
+        .unwrap();
+    let group = std::net::SocketAddrV4::new(gwsync::net::GROUP_V4_DEFAULT, port);
+    for index in 0..count {
+        socket
+            .send_to(format!("junk {index}").as_bytes(), &group.into())
+            .unwrap();
+    }
+}
+
+fn readable_now(driver: &gwsync::driver::Driver) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::BorrowedFd;
+    // SAFETY: the driver's epoll fd lives as long as the driver.
+    let fd = unsafe { BorrowedFd::borrow_raw(driver.fd()) };
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+}
+
+/// The daemon reads a datagram that came alone without the read that
+/// would find the socket empty (a system call per datagram on every
+/// receiver); one left behind keeps the fd readable, so the next wait
+/// ends at once and nothing is lost. The C API's `process` still reads
+/// everything waiting.
+#[test]
+fn a_lone_datagram_is_read_alone_and_nothing_is_left_behind() {
+    use gwsync::driver::{Driver, Readiness};
+    use gwsync::engine::DropReason;
+    let (_dir, _writer, mut reader) = writer_and_reader("lone-datagram");
+    let port = reader.config().port;
+    // Every datagram read, and the junk among them (the reader's own
+    // summaries may come back to it at any time).
+    let read = |reader: &Driver| reader.engine().counters().datagrams_received;
+    let junk = |reader: &Driver| -> u64 {
+        let dropped = &reader.engine().counters().dropped;
+        dropped
+            .iter()
+            .filter(|(reason, _)| matches!(reason, DropReason::Decode(_)))
+            .map(|(_, count)| count)
+            .sum()
+    };
+    send_junk_to_group(port, 3);
+    reader.process();
+    assert_eq!(junk(&reader), 3, "process reads all that waits");
+    assert_eq!(reader.counters().recv_alone, 0);
+
+    // The gap that makes the next datagram one that came alone is the
+    // condition under test, so it is waited out.
+    std::thread::sleep(Duration::from_millis(5));
+    send_junk_to_group(port, 3);
+    wait_until("the datagrams arrive", SYNC_TIMEOUT, || {
+        readable_now(&reader)
+    });
+    let before = read(&reader);
+    reader.process_ready(Readiness::UNKNOWN);
+    assert_eq!(read(&reader), before + 1, "the first is read alone");
+    assert_eq!(reader.counters().recv_alone, 1);
+    assert!(readable_now(&reader), "the rest keep the fd readable");
+    wait_until("the rest are read", SYNC_TIMEOUT, || {
+        reader.process_ready(Readiness::UNKNOWN);
+        junk(&reader) == 6
+    });
+}
