@@ -5,8 +5,16 @@
 //! with cold caches after 50 ms asleep beside fifteen others; set side by
 //! side, the two say how much of the path is work and how much is waking.
 //!
+//! Each step runs twice per write: warm, and cold after the caches and
+//! TLBs were flushed by sweeping a buffer larger than the last-level cache,
+//! as a daemon finds them after its sleep. Beside the times, the heap
+//! allocations of each step: a count that no machine noise moves, and
+//! each one is memory a cold process touches.
+//!
 //! `cargo bench --bench hotpath` (no root needed).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gwsync::control::{Request, parse_request};
@@ -17,18 +25,82 @@ use gwsync::proto::NodeId;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-/// As the namespace bench: 1,000 writes 50 ms apart, here cycling over
-/// 1,000 keys so the store stays the size it reaches there.
-const WRITES: u64 = 20_000;
+/// Counts heap allocations, so each step can say how many it makes.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// As the namespace bench: writes 50 ms apart, cycling over 1,000 keys so
+/// the store stays the size it reaches there. Every `COLD_EVERY`th write
+/// runs cold.
+const WRITES: u64 = 8_000;
+const COLD_EVERY: u64 = 8;
 const KEYS: u64 = 1_000;
 const GAP_MS: u64 = 50;
 
-#[derive(Default)]
-struct Stages {
-    parse: Duration,
-    compact: Duration,
-    write_and_seal: Duration,
-    receive: Duration,
+/// Larger than this machine's last-level cache (32 MiB) and than any
+/// router's; sweeping it also walks 16,384 pages, past every TLB.
+const SWEEP_BYTES: usize = 64 << 20;
+
+const STEPS: [&str; 4] = [
+    "writer: parse the set request",
+    "writer: compact the value",
+    "writer: write, build and seal the push",
+    "receiver: open and apply the push, the change event",
+];
+
+/// Time and allocations of one step.
+struct Step {
+    started: Instant,
+    allocations: u64,
+}
+
+impl Step {
+    fn start() -> Step {
+        Step {
+            allocations: ALLOCATIONS.load(Ordering::Relaxed),
+            started: Instant::now(),
+        }
+    }
+
+    fn end(self) -> (Duration, u64) {
+        let elapsed = self.started.elapsed();
+        (
+            elapsed,
+            ALLOCATIONS.load(Ordering::Relaxed) - self.allocations,
+        )
+    }
+}
+
+/// Evicts the caller's code and data from every cache level and TLB, as
+/// other processes do while a daemon sleeps.
+fn sweep(buffer: &mut [u8]) {
+    for line in buffer.chunks_mut(64) {
+        line[0] = line[0].wrapping_add(1);
+    }
+    std::hint::black_box(&buffer);
+}
+
+fn median(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1e6
 }
 
 fn main() {
@@ -41,22 +113,31 @@ fn main() {
     );
     receiver.set_keyring(keyring_of(&[key]), StdRng::seed_from_u64(4));
     let wall_start_ms = 1_780_000_000_000;
-    let mut stages = Stages::default();
+    let mut sweep_buffer = vec![0u8; SWEEP_BYTES];
+    // [warm, cold] samples per step.
+    let mut times: [[Vec<Duration>; 2]; 4] = Default::default();
+    let mut allocations = [0u64; 4];
     let mut datagrams = 0;
     for write in 0..WRITES {
+        let cold = write % COLD_EVERY == COLD_EVERY - 1;
         let now = 1_000 + write * GAP_MS;
         let wall_ms = wall_start_ms + now;
         let line = format!(
             r#"{{"op":"set","key":"bench/lossless/{}","value":{{"n": {write}}}}}"#,
             write % KEYS
         );
-        let started = Instant::now();
+        if cold {
+            sweep(&mut sweep_buffer);
+        }
+        let step = Step::start();
         let Ok(Request::Set { key, value }) = parse_request(line.as_bytes()) else {
             panic!("not a set: {line}");
         };
-        let parsed = Instant::now();
+        let parse = step.end();
+        let step = Step::start();
         let compact = compact_json(&value).expect("valid JSON");
-        let compacted = Instant::now();
+        let compact_step = step.end();
+        let step = Step::start();
         writer.set_wall_clock(now, wall_ms);
         writer
             .set(now, wall_ms, &key, compact.as_bytes())
@@ -66,7 +147,11 @@ fn main() {
         }
         let pushed: Vec<Vec<u8>> = std::iter::from_fn(|| writer.poll_transmit()).collect();
         while writer.poll_event().is_some() {}
-        let sealed = Instant::now();
+        let write_and_seal = step.end();
+        if cold {
+            sweep(&mut sweep_buffer);
+        }
+        let step = Step::start();
         receiver.set_wall_clock(now, wall_ms);
         for datagram in &pushed {
             receiver.handle_datagram(now, datagram);
@@ -78,35 +163,32 @@ fn main() {
         let changes = std::iter::from_fn(|| receiver.poll_event())
             .filter(|event| matches!(event, Event::Changed { .. }))
             .count();
-        let received = Instant::now();
+        let receive = step.end();
         assert_eq!(changes, 1, "write {write}: the receiver applies it");
         datagrams += pushed.len();
-        stages.parse += parsed - started;
-        stages.compact += compacted - parsed;
-        stages.write_and_seal += sealed - compacted;
-        stages.receive += received - sealed;
+        for (index, (elapsed, allocated)) in [parse, compact_step, write_and_seal, receive]
+            .into_iter()
+            .enumerate()
+        {
+            times[index][usize::from(cold)].push(elapsed);
+            allocations[index] += allocated;
+        }
     }
-    let per_write = |total: Duration| total.as_secs_f64() * 1e6 / WRITES as f64;
-    println!("| stage, warm | us per write |");
-    println!("|---|---|");
+    println!("| step | warm us | cold us | allocations |");
+    println!("|---|---|---|---|");
+    for (index, name) in STEPS.iter().enumerate() {
+        let [warm, cold] = &mut times[index];
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.1} |",
+            median(warm),
+            median(cold),
+            allocations[index] as f64 / WRITES as f64
+        );
+    }
     println!(
-        "| writer: parse the set request | {:.2} |",
-        per_write(stages.parse)
-    );
-    println!(
-        "| writer: compact the value | {:.2} |",
-        per_write(stages.compact)
-    );
-    println!(
-        "| writer: write, build and seal the push | {:.2} |",
-        per_write(stages.write_and_seal)
-    );
-    println!(
-        "| receiver: open and apply the push, the change event | {:.2} |",
-        per_write(stages.receive)
-    );
-    println!(
-        "({WRITES} writes over {KEYS} keys, {:.2} datagrams per write, keyed)",
+        "(medians of {} warm and {} cold writes over {KEYS} keys, {:.2} datagrams per write, keyed)",
+        WRITES - WRITES / COLD_EVERY,
+        WRITES / COLD_EVERY,
         datagrams as f64 / WRITES as f64
     );
 }
