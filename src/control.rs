@@ -31,6 +31,8 @@
 //! `status` under `"control"`:
 //! - [`REQUEST_BYTES_MAX`]: a longer request line closes the connection
 //!   (`requests_too_long`);
+//! - [`REQUEST_FIELDS_MAX`]: a request with more fields is refused
+//!   (`requests_bad`);
 //! - requests are answered one at a time per client: the next request of a
 //!   client is read only once its previous reply has left (so a client that
 //!   sends thousands of `dump`s and never reads holds one reply, not
@@ -52,7 +54,6 @@
 //! to use with `socat`; the daemon still takes them as raw text, so member
 //! order and number spelling survive exactly.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -73,6 +74,9 @@ use crate::engine::{TriggerReason, WriteError};
 /// A request line longer than this closes the connection; it is well above
 /// the largest value (64 KiB) so any valid `set` fits.
 pub const REQUEST_BYTES_MAX: usize = 1024 * 1024;
+/// Fields one request may name. No op takes more than three; the bound
+/// keeps the check that no field is named twice linear in the line.
+pub const REQUEST_FIELDS_MAX: usize = 16;
 /// Unsent bytes a `watch` client may have queued before it is dropped, so
 /// the daemon's memory stays bounded.
 pub const CLIENT_QUEUED_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -743,37 +747,97 @@ fn write_error(driver: &Driver, key: &str, value: &str, error: SetError) -> (Err
     (ErrorCode::from(&error), driver.explain(key, value, &error))
 }
 
-/// The fields of one request, each named once, values as raw JSON text.
-struct Fields(BTreeMap<String, Box<RawValue>>);
+/// The fields of one request, each named once, values as raw JSON text,
+/// borrowed from the request line: a request is parsed with no copy but of
+/// what it keeps (parsing is most of a `set`'s work before its push leaves).
+struct Fields<'line>(Vec<(Text<'line>, &'line RawValue)>);
 
-impl<'de> Deserialize<'de> for Fields {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
+impl<'line> Fields<'line> {
+    fn get(&self, name: &str) -> Option<&'line RawValue> {
+        self.0
+            .iter()
+            .find(|(field, _)| field.as_str() == name)
+            .map(|&(_, value)| value)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields<'de>, D::Error> {
         struct FieldsVisitor;
         impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
+            type Value = Fields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-                let mut fields = BTreeMap::new();
-                while let Some((name, value)) = map.next_entry::<String, Box<RawValue>>()? {
-                    if fields.contains_key(&name) {
-                        return Err(de::Error::custom(format!("field \"{name}\" given twice")));
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Fields(Vec::with_capacity(4));
+                while let Some((name, value)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
+                    if fields.get(name.as_str()).is_some() {
+                        return Err(de::Error::custom(format!(
+                            "field \"{}\" given twice",
+                            name.as_str()
+                        )));
                     }
-                    fields.insert(name, value);
+                    if fields.0.len() == REQUEST_FIELDS_MAX {
+                        return Err(de::Error::custom(format!(
+                            "more than {REQUEST_FIELDS_MAX} fields"
+                        )));
+                    }
+                    fields.0.push((name, value));
                 }
-                Ok(Fields(fields))
+                Ok(fields)
             }
         }
         deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
+/// A JSON string, borrowed from the request line unless it had escapes to
+/// undo. (serde's own `Cow<str>` always copies.)
+enum Text<'line> {
+    Borrowed(&'line str),
+    Owned(String),
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Borrowed(text) => text,
+            Text::Owned(text) => text,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text::Borrowed(text))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text<'de>, E> {
+                Ok(Text::Owned(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Text<'de>, E> {
+                Ok(Text::Owned(text))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
 /// Takes a string field of a request.
-fn string_field(fields: &Fields, name: &str) -> Result<Option<String>, (ErrorCode, String)> {
-    match fields.0.get(name) {
+fn string_field<'line>(
+    fields: &Fields<'line>,
+    name: &str,
+) -> Result<Option<Text<'line>>, (ErrorCode, String)> {
+    match fields.get(name) {
         None => Ok(None),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
+        Some(raw) => serde_json::from_str::<Text<'line>>(raw.get())
             .map(Some)
             .map_err(|_| {
                 (
@@ -825,10 +889,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
             format!("request is not a JSON object with distinct fields: {error}"),
         )
     })?;
-    let op =
-        string_field(&fields, "op")?.ok_or((ErrorCode::BadRequest, "missing \"op\"".to_owned()))?;
+    // Each error text is built only when it is the answer: a request's
+    // allocations are most of its parsing cost on a cold daemon.
+    let missing = |name: &str| (ErrorCode::BadRequest, format!("missing \"{name}\""));
+    let op = string_field(&fields, "op")?.ok_or_else(|| missing("op"))?;
     let key = || {
-        string_field(&fields, "key")?.ok_or((ErrorCode::BadRequest, "missing \"key\"".to_owned()))
+        string_field(&fields, "key")?
+            .map(|key| key.as_str().to_owned())
+            .ok_or_else(|| missing("key"))
     };
     // The ops, in one table.
     Ok(match op.as_str() {
@@ -836,31 +904,34 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
         "set" => Request::Set {
             key: key()?,
             value: fields
-                .0
                 .get("value")
-                .ok_or((ErrorCode::BadRequest, "missing \"value\"".to_owned()))?
+                .ok_or_else(|| missing("value"))?
                 .get()
                 .to_owned(),
         },
         "del" => Request::Del { key: key()? },
         "list" => Request::List {
-            prefix: string_field(&fields, "prefix")?.unwrap_or_default(),
+            prefix: string_field(&fields, "prefix")?
+                .map(|prefix| prefix.as_str().to_owned())
+                .unwrap_or_default(),
         },
         "dump" => Request::Dump,
         "status" => Request::Status,
         "trigger" => {
-            let reason = string_field(&fields, "reason")?.unwrap_or_else(|| "manual".to_owned());
-            Request::Trigger(parse_trigger(&reason).ok_or((
-                ErrorCode::BadRequest,
-                format!("unknown trigger reason: {reason}"),
-            ))?)
+            let reason = string_field(&fields, "reason")?;
+            let reason = reason.as_ref().map_or("manual", Text::as_str);
+            Request::Trigger(parse_trigger(reason).ok_or_else(|| {
+                (
+                    ErrorCode::BadRequest,
+                    format!("unknown trigger reason: {reason}"),
+                )
+            })?)
         }
         "watch" => Request::Watch,
         "load" => Request::Load {
             entries: fields
-                .0
                 .get("entries")
-                .ok_or((ErrorCode::BadRequest, "missing \"entries\"".to_owned()))?
+                .ok_or_else(|| missing("entries"))?
                 .get()
                 .to_owned(),
         },
@@ -1051,6 +1122,50 @@ mod tests {
             panic!("a syntactically valid set request");
         };
         assert!(driver::compact_json(&value).is_err());
+    }
+
+    #[test]
+    fn escaped_field_names_and_strings_read_as_their_text() {
+        // Borrowed from the line where it can be, copied where an escape
+        // had to be undone: both read the same.
+        let plain = parse_request(br#"{"op":"set","key":"a/b","value":[1]}"#);
+        let escaped = parse_request(br#"{"\u006fp":"s\u0065t","k\u0065y":"a\/b","value":[1]}"#);
+        assert_eq!(
+            plain,
+            Ok(Request::Set {
+                key: "a/b".to_owned(),
+                value: "[1]".to_owned()
+            })
+        );
+        assert_eq!(escaped, plain);
+        // A field named twice is caught however each is spelled.
+        let (code, message) =
+            parse_request(br#"{"op":"get","key":"a","k\u0065y":"b"}"#).unwrap_err();
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(message.contains("\"key\" given twice"), "{message}");
+    }
+
+    #[test]
+    fn a_request_with_more_fields_than_the_bound_is_refused() {
+        let with_fields = |count: usize| {
+            let extra: String = (2..count)
+                .map(|index| format!(r#","x{index}":0"#))
+                .collect();
+            format!(r#"{{"op":"get","key":"a"{extra}}}"#)
+        };
+        assert_eq!(
+            parse_request(with_fields(REQUEST_FIELDS_MAX).as_bytes()),
+            Ok(Request::Get {
+                key: "a".to_owned()
+            })
+        );
+        let (code, message) =
+            parse_request(with_fields(REQUEST_FIELDS_MAX + 1).as_bytes()).unwrap_err();
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(
+            message.contains(&format!("more than {REQUEST_FIELDS_MAX} fields")),
+            "{message}"
+        );
     }
 
     #[test]

@@ -1553,10 +1553,7 @@ impl<'a> StoredValue<'a> {
 /// Validates one JSON value and removes insignificant whitespace, keeping
 /// everything else (member order, number spelling) exactly as written.
 pub fn compact_json(text: &str) -> Result<String, String> {
-    // A full parse, not just a syntax check: it also refuses lone surrogate
-    // escapes (`"\udc00"`), which strict JSON readers on other gateways and
-    // our own state file loader would choke on.
-    serde_json::from_str::<serde_json::Value>(text).map_err(|error| error.to_string())?;
+    serde_json::from_str::<CheckedJson>(text).map_err(|error| error.to_string())?;
     let mut out = String::with_capacity(text.len());
     let mut in_string = false;
     let mut escaped = false;
@@ -1580,6 +1577,56 @@ pub fn compact_json(text: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// A JSON value read in full and kept nowhere: every string is decoded,
+/// so a lone surrogate escape (`"\udc00"`) is refused as it would be by
+/// the strict readers on other gateways and our own state file loader,
+/// which serde's `IgnoredAny` lets through. Reading into a
+/// `serde_json::Value` checks the same but builds a tree, an allocation
+/// per member, for each write. Nesting is bounded by serde_json's depth
+/// limit.
+struct CheckedJson;
+
+impl<'de> serde::Deserialize<'de> for CheckedJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<CheckedJson, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+
+        struct CheckedVisitor;
+        impl<'de> Visitor<'de> for CheckedVisitor {
+            type Value = CheckedJson;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_unit<E>(self) -> Result<CheckedJson, E> {
+                Ok(CheckedJson)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<CheckedJson, A::Error> {
+                while items.next_element::<CheckedJson>()?.is_some() {}
+                Ok(CheckedJson)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<CheckedJson, A::Error> {
+                while members.next_entry::<CheckedJson, CheckedJson>()?.is_some() {}
+                Ok(CheckedJson)
+            }
+        }
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1594,5 +1641,31 @@ mod tests {
         assert!(compact_json("{").is_err());
         assert!(compact_json("1 2").is_err());
         assert!(compact_json("").is_err());
+    }
+
+    #[test]
+    fn compact_json_refuses_what_a_strict_reader_would_anywhere_in_the_value() {
+        for lone_surrogate in [
+            r#""\udc00""#,
+            r#"[1, {"a": ["\ud800"]}]"#,
+            r#"{"\udc00": 1}"#,
+        ] {
+            // Refused, and for the reason a full parse gives.
+            let refused = compact_json(lone_surrogate).unwrap_err();
+            let parsed = serde_json::from_str::<Value>(lone_surrogate).unwrap_err();
+            assert_eq!(refused, parsed.to_string(), "{lone_surrogate}");
+        }
+        assert!(compact_json("1e400").is_err(), "a number out of range");
+        assert!(compact_json(r#"{"a":1,}"#).is_err(), "a trailing comma");
+        // Nesting: as deep as serde_json reads, and no deeper.
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(compact_json(&nested(100)).unwrap(), nested(100));
+        let too_deep = compact_json(&nested(100_000)).unwrap_err();
+        assert!(too_deep.contains("recursion limit"), "{too_deep}");
+        let escaped_pair = r#"{"k": "\ud83d\ude00 \u0041", "n": [true, false, null, -1, 2.5]}"#;
+        assert_eq!(
+            compact_json(escaped_pair).unwrap(),
+            r#"{"k":"\ud83d\ude00 \u0041","n":[true,false,null,-1,2.5]}"#
+        );
     }
 }
