@@ -1,15 +1,15 @@
-//! The work on a write's path with warm caches: the writer parsing the
-//! `set` request, compacting the value and writing, sealing and queueing
-//! the push; a receiver opening and applying it. The namespace bench
-//! measures the same path inside the daemons, where each process wakes
-//! with cold caches after 50 ms asleep beside fifteen others; set side by
-//! side, the two say how much of the path is work and how much is waking.
+//! The work on a write's path: the writer parsing the `set` request,
+//! compacting the value and writing, sealing and queueing the push; a
+//! receiver opening and applying it. The namespace bench measures the same
+//! path inside the daemons, where each process wakes with cold caches
+//! after 50 ms asleep beside fifteen others; set side by side, the two say
+//! how much of the path is work and how much is waking.
 //!
-//! Each step runs twice per write: warm, and cold after the caches and
-//! TLBs were flushed by sweeping a buffer larger than the last-level cache,
-//! as a daemon finds them after its sleep. Beside the times, the heap
-//! allocations of each step: a count that no machine noise moves, and
-//! each one is memory a cold process touches.
+//! Every eighth write runs cold: before each side's steps a sweep over a
+//! buffer larger than the last-level cache evicts code, data and TLB
+//! entries, as a daemon finds them after its sleep; the others run warm.
+//! Beside the times, the heap allocations of each step: a count that no
+//! machine noise moves, and each one is memory a cold process touches.
 //!
 //! `cargo bench --bench hotpath` (no root needed).
 
