@@ -17,9 +17,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gwsync::control::{Request, parse_request};
+use gwsync::control::{Request, change_line, parse_request};
 use gwsync::crypto::{GroupKey, keyring_of};
-use gwsync::driver::compact_json;
+use gwsync::driver::{ChangeEvent, compact_json};
 use gwsync::engine::{Config, Engine, Event};
 use gwsync::proto::NodeId;
 use rand::SeedableRng;
@@ -59,11 +59,12 @@ const GAP_MS: u64 = 50;
 /// router's; sweeping it also walks 16,384 pages, past every TLB.
 const SWEEP_BYTES: usize = 64 << 20;
 
-const STEPS: [&str; 4] = [
+const STEPS: [&str; 5] = [
     "writer: parse the set request",
     "writer: compact the value",
     "writer: write, build and seal the push",
     "receiver: open and apply the push, the change event",
+    "receiver: the watcher's line",
 ];
 
 /// Time and allocations of one step.
@@ -115,8 +116,8 @@ fn main() {
     let wall_start_ms = 1_780_000_000_000;
     let mut sweep_buffer = vec![0u8; SWEEP_BYTES];
     // [warm, cold] samples per step.
-    let mut times: [[Vec<Duration>; 2]; 4] = Default::default();
-    let mut allocations = [0u64; 4];
+    let mut times: [[Vec<Duration>; 2]; 5] = Default::default();
+    let mut allocations = [0u64; 5];
     let mut datagrams = 0;
     for write in 0..WRITES {
         let cold = write % COLD_EVERY == COLD_EVERY - 1;
@@ -160,15 +161,23 @@ fn main() {
             receiver.handle_timeout(now);
         }
         while receiver.poll_transmit().is_some() {}
-        let changes = std::iter::from_fn(|| receiver.poll_event())
-            .filter(|event| matches!(event, Event::Changed { .. }))
-            .count();
+        let changes: Vec<ChangeEvent> = std::iter::from_fn(|| receiver.poll_event())
+            .filter_map(|event| match event {
+                Event::Changed { key, value, origin } => Some(ChangeEvent::new(key, value, origin)),
+                _ => None,
+            })
+            .collect();
         let receive = step.end();
-        assert_eq!(changes, 1, "write {write}: the receiver applies it");
+        assert_eq!(changes.len(), 1, "write {write}: the receiver applies it");
+        let step = Step::start();
+        let line = change_line(&changes[0]);
+        let watcher_line = step.end();
+        assert!(line.contains(&key), "{line}");
         datagrams += pushed.len();
-        for (index, (elapsed, allocated)) in [parse, compact_step, write_and_seal, receive]
-            .into_iter()
-            .enumerate()
+        for (index, (elapsed, allocated)) in
+            [parse, compact_step, write_and_seal, receive, watcher_line]
+                .into_iter()
+                .enumerate()
         {
             times[index][usize::from(cold)].push(elapsed);
             allocations[index] += allocated;

@@ -1055,36 +1055,35 @@ pub fn parse_trigger(text: &str) -> Option<TriggerReason> {
 
 /// One `watch` line, newline included.
 pub fn change_line(change: &ChangeEvent) -> String {
-    #[derive(Serialize)]
-    #[serde(untagged)]
-    enum Line<'a> {
-        Set {
-            key: &'a str,
-            value: StoredValue<'a>,
-            origin: String,
-        },
-        Deleted {
-            key: &'a str,
-            deleted: bool,
-            origin: String,
-        },
+    // Spelled out rather than derived: every receiver writes one per
+    // change right after waking, and serde's derived, untagged path and
+    // `fmt` for the origin are most of its cold cost. The test
+    // `change_lines_are_what_serde_writes` holds it to serde's output.
+    let value_len = change.value.as_ref().map_or(0, String::len);
+    let mut line = Vec::with_capacity(change.key.len() + value_len + 64);
+    line.extend_from_slice(b"{\"key\":");
+    push_json_string(&mut line, &change.key);
+    match &change.value {
+        Some(value) => {
+            line.extend_from_slice(b",\"value\":");
+            match StoredValue::of(value.as_bytes()) {
+                StoredValue::Json(raw) => line.extend_from_slice(raw.get().as_bytes()),
+                StoredValue::Text(text) => push_json_string(&mut line, &text),
+            }
+        }
+        None => line.extend_from_slice(b",\"deleted\":true"),
     }
-    let origin = change.origin.to_string();
-    let line = match &change.value {
-        Some(value) => Line::Set {
-            key: &change.key,
-            value: StoredValue::of(value.as_bytes()),
-            origin,
-        },
-        None => Line::Deleted {
-            key: &change.key,
-            deleted: true,
-            origin,
-        },
-    };
-    let mut text = serde_json::to_string(&line).unwrap_or_default();
-    text.push('\n');
-    text
+    line.extend_from_slice(b",\"origin\":\"");
+    line.extend_from_slice(crate::hex::encode(&change.origin.0.to_be_bytes()).as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    // Only JSON text and hex went in.
+    String::from_utf8(line).unwrap_or_default()
+}
+
+/// `text` as a JSON string, escaped by serde_json.
+fn push_json_string(line: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(line, text);
 }
 
 #[cfg(test)]
@@ -1112,6 +1111,55 @@ mod tests {
         };
         let parsed: Value = serde_json::from_str(&change_line(&deleted)).unwrap();
         assert_eq!(parsed["deleted"], true);
+    }
+
+    /// The line as serde derives it: what `change_line` spells out.
+    fn change_line_by_serde(change: &ChangeEvent) -> String {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Line<'a> {
+            Set {
+                key: &'a str,
+                value: StoredValue<'a>,
+                origin: String,
+            },
+            Deleted {
+                key: &'a str,
+                deleted: bool,
+                origin: String,
+            },
+        }
+        let origin = change.origin.to_string();
+        let line = match &change.value {
+            Some(value) => Line::Set {
+                key: &change.key,
+                value: StoredValue::of(value.as_bytes()),
+                origin,
+            },
+            None => Line::Deleted {
+                key: &change.key,
+                deleted: true,
+                origin,
+            },
+        };
+        format!("{}\n", serde_json::to_string(&line).unwrap())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn change_lines_are_what_serde_writes(
+            key in "\\PC*|[\"\\\\/\u{0}-\u{1f}\u{7f}\u{2028}]{0,8}",
+            value in proptest::option::of(
+                "\\PC*|\\{\"[a-z\"\\\\]{0,4}\":\\[[0-9, ]{0,6}\\]\\}|\"[\u{0}-\u{7f}]{0,6}\"|-?[0-9]{1,3}(\\.[0-9]+)?"
+            ),
+            origin in proptest::num::u64::ANY,
+        ) {
+            let change = ChangeEvent { key, value, origin: NodeId(origin) };
+            let line = change_line(&change);
+            proptest::prop_assert_eq!(&line, &change_line_by_serde(&change));
+            let parsed: Value = serde_json::from_str(&line).unwrap();
+            proptest::prop_assert_eq!(parsed["key"].as_str(), Some(change.key.as_str()));
+        }
     }
 
     #[test]

@@ -226,6 +226,19 @@ pub struct ChangeEvent {
     pub origin: NodeId,
 }
 
+impl ChangeEvent {
+    /// From the engine's event. A value is JSON text, so valid UTF-8: its
+    /// bytes become the string without a copy (a peer's bytes that are not
+    /// are shown lossily).
+    pub fn new(key: String, value: Option<Box<[u8]>>, origin: NodeId) -> ChangeEvent {
+        let value = value.map(|bytes| {
+            String::from_utf8(bytes.into_vec())
+                .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned())
+        });
+        ChangeEvent { key, value, origin }
+    }
+}
+
 /// Receives change events instead of the queue (see [`Driver::on_change`]).
 pub type ChangeCallback = Box<dyn FnMut(&ChangeEvent) + Send>;
 
@@ -819,8 +832,7 @@ impl Driver {
         while let Some(event) = self.engine.poll_event() {
             match event {
                 Event::Changed { key, value, origin } => {
-                    let value = value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-                    let change = ChangeEvent { key, value, origin };
+                    let change = ChangeEvent::new(key, value, origin);
                     if self.recent_changes.len() == RECENT_CHANGES_MAX {
                         self.recent_changes.pop_back();
                     }
@@ -1641,6 +1653,19 @@ mod tests {
         assert!(compact_json("{").is_err());
         assert!(compact_json("1 2").is_err());
         assert!(compact_json("").is_err());
+    }
+
+    #[test]
+    fn a_change_keeps_its_text_and_shows_a_peers_invalid_bytes_lossily() {
+        let change = ChangeEvent::new(
+            "k".into(),
+            Some(Box::from(&b"{\"a\":\"\xc3\xa9\"}"[..])),
+            NodeId(1),
+        );
+        assert_eq!(change.value.as_deref(), Some("{\"a\":\"\u{e9}\"}"));
+        let change = ChangeEvent::new("k".into(), Some(Box::from(&b"\"\xff\""[..])), NodeId(1));
+        assert_eq!(change.value.as_deref(), Some("\"\u{fffd}\""));
+        assert_eq!(ChangeEvent::new("k".into(), None, NodeId(1)).value, None);
     }
 
     #[test]
