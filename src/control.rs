@@ -806,6 +806,13 @@ impl Text<'_> {
             Text::Owned(text) => text,
         }
     }
+
+    fn into_string(self) -> String {
+        match self {
+            Text::Borrowed(text) => text.to_owned(),
+            Text::Owned(text) => text,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Text<'de> {
@@ -895,7 +902,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
     let op = string_field(&fields, "op")?.ok_or_else(|| missing("op"))?;
     let key = || {
         string_field(&fields, "key")?
-            .map(|key| key.as_str().to_owned())
+            .map(Text::into_string)
             .ok_or_else(|| missing("key"))
     };
     // The ops, in one table.
@@ -912,7 +919,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (ErrorCode, String)> {
         "del" => Request::Del { key: key()? },
         "list" => Request::List {
             prefix: string_field(&fields, "prefix")?
-                .map(|prefix| prefix.as_str().to_owned())
+                .map(Text::into_string)
                 .unwrap_or_default(),
         },
         "dump" => Request::Dump,
