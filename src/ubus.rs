@@ -994,13 +994,17 @@ impl Ubus {
 
     /// Milliseconds until the next connection attempt, if one is due.
     pub fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_ms_at(Instant::now())
+    }
+
+    fn timeout_ms_at(&self, now: Instant) -> Option<u64> {
         match self.conn {
             Some(_) => None,
             // Rounded up: 0 while the attempt is not yet due would spin
             // the daemon's wait for up to a millisecond.
             None => Some(
                 self.next_attempt
-                    .saturating_duration_since(Instant::now())
+                    .saturating_duration_since(now)
                     .as_nanos()
                     .div_ceil(1_000_000) as u64,
             ),
@@ -1370,11 +1374,17 @@ mod tests {
 
     #[test]
     fn a_reconnect_less_than_a_millisecond_away_is_waited_for_not_polled() {
+        // The clock is an argument: under qemu the 500 us can pass between
+        // setting the deadline and asking for the timeout.
         let mut ubus = Ubus::new(Path::new("/nonexistent/ubus.sock"));
-        ubus.next_attempt = Instant::now() + std::time::Duration::from_micros(500);
-        assert_eq!(ubus.timeout_ms(), Some(1));
-        ubus.next_attempt = Instant::now();
-        assert_eq!(ubus.timeout_ms(), Some(0));
+        let now = Instant::now();
+        ubus.next_attempt = now + std::time::Duration::from_micros(500);
+        assert_eq!(ubus.timeout_ms_at(now), Some(1));
+        assert_eq!(ubus.timeout_ms_at(ubus.next_attempt), Some(0));
+        assert_eq!(
+            ubus.timeout_ms_at(now + std::time::Duration::from_secs(1)),
+            Some(0)
+        );
     }
 
     #[test]
