@@ -29,7 +29,10 @@ use std::time::{Duration, Instant};
 mod lan;
 
 use common::{Lan, TempDir, unique_port, wait_until};
-use lan::{Control, Latencies, datagrams_sent, propagation, rss_anon_kib, vm_hwm_kib};
+use lan::{
+    Control, CpuMeter, CpuPerWrite, Latencies, datagrams_sent, propagation, rss_anon_kib,
+    vm_hwm_kib,
+};
 
 /// Enough that the p99 is not the slowest write: about 0.7 % of writes at
 /// N = 8 and 10 % loss have a gateway that lost every copy.
@@ -49,14 +52,20 @@ fn gwsync_propagation(
     writes: usize,
     gap: Duration,
     timeout: Duration,
-) -> Latencies {
+) -> (Latencies, CpuPerWrite) {
     let events = lan::watch_all(daemons);
     let mut control = Control::connect(&daemons[0]);
-    propagation(writes, gap, timeout, daemons.len() - 1, &events, |write| {
+    let mut cpu = CpuMeter::new(
+        daemons[0].pid(),
+        daemons[1..].iter().map(common::Daemon::pid).collect(),
+    );
+    let latencies = propagation(writes, gap, timeout, daemons.len() - 1, &events, |write| {
+        cpu.before_write(write);
         let key = format!("bench/{tag}/{write}");
         control.set(&key, &format!(r#"{{"n":{write}}}"#));
         key
-    })
+    });
+    (latencies, cpu.per_write())
 }
 
 /// The floor under any sync daemon here: the same processes and hops
@@ -114,7 +123,13 @@ fn floor_relay(args: &[String]) {
     }
 }
 
-fn floor_propagation(lan: &Lan, dir: &Path, tag: &str, writes: usize, gap: Duration) -> Latencies {
+fn floor_propagation(
+    lan: &Lan,
+    dir: &Path,
+    tag: &str,
+    writes: usize,
+    gap: Duration,
+) -> (Latencies, CpuPerWrite) {
     let port = unique_port().to_string();
     let path = dir.join(format!("floor-{tag}.sock"));
     let listener = UnixListener::bind(&path).expect("floor socket");
@@ -156,6 +171,7 @@ fn floor_propagation(lan: &Lan, dir: &Path, tag: &str, writes: usize, gap: Durat
         .expect("floor sender");
     lan::cleanup_register_pid(sender.id());
     let mut to_sender = sender.stdin.take().expect("the sender's stdin");
+    let mut cpu = CpuMeter::new(sender.id(), receivers.iter().map(|r| r.id()).collect());
     let latencies = propagation(
         writes,
         gap,
@@ -163,18 +179,20 @@ fn floor_propagation(lan: &Lan, dir: &Path, tag: &str, writes: usize, gap: Durat
         lan.nodes.len() - 1,
         &events,
         |write| {
+            cpu.before_write(write);
             let key = format!("floor/{tag}/{write}");
             writeln!(to_sender, "{key}").expect("to the floor sender");
             key
         },
     );
+    let cpu = cpu.per_write();
     drop(to_sender);
     let _ = sender.wait();
     for receiver in &mut receivers {
         let _ = receiver.kill();
         let _ = receiver.wait();
     }
-    latencies
+    (latencies, cpu)
 }
 
 fn latency_row(label: &str, latencies: &Latencies) -> String {
@@ -201,7 +219,7 @@ fn gwsync_lan(nodes: usize) -> (Lan, TempDir, u16, Vec<common::Daemon>) {
 fn run(nodes: usize, quick: bool) -> Vec<String> {
     let (lan, dir, port, daemons) = gwsync_lan(nodes);
     let mut rows = Vec::new();
-    let lossless = gwsync_propagation(
+    let (lossless, _) = gwsync_propagation(
         &daemons,
         "lossless",
         WRITES,
@@ -217,9 +235,10 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
             "stream",
             WRITES,
             Duration::from_millis(50),
-        ),
+        )
+        .0,
     ));
-    let lone = gwsync_propagation(
+    let (lone, _) = gwsync_propagation(
         &daemons,
         "lone",
         LONE_WRITES,
@@ -234,7 +253,7 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
     // the relay shows what that costs by itself.
     rows.push(latency_row(
         &format!("N={nodes} floor, {LONE_WRITES} lone writes"),
-        &floor_propagation(&lan, dir.path(), "lone", LONE_WRITES, LONE_GAP),
+        &floor_propagation(&lan, dir.path(), "lone", LONE_WRITES, LONE_GAP).0,
     ));
     if !quick {
         // Trickle doubles from Imin to Imax (64 s) while all agree: wait for
@@ -255,7 +274,7 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
     for index in 0..nodes {
         lan.inject_loss(index, 10, port);
     }
-    let lossy = gwsync_propagation(
+    let (lossy, _) = gwsync_propagation(
         &daemons,
         "loss10",
         WRITES,
@@ -304,36 +323,58 @@ fn run(nodes: usize, quick: bool) -> Vec<String> {
 /// turn on one LAN. On a 2-vCPU VM one run's p50 moves by up to 0.1 ms from
 /// one minute to the next with the host's load, the floor's with it, so
 /// the pairs show what is gwsync's: each p50 and their ratio, and the
-/// medians.
+/// medians. Beside them, the CPU each process spent per write (sender, and
+/// the mean receiver): seven receivers and the writer share two vCPUs, so
+/// a receiver's microseconds are the latency's, about 3.5-fold, and they
+/// move less with the host than the latency does.
 fn paired_runs(pairs: usize) -> Vec<String> {
     const NODES: usize = 8;
     let (lan, dir, _, daemons) = gwsync_lan(NODES);
     let mut rows = vec![
-        format!("| N={NODES} lossless, pair | gwsync p50 ms | floor p50 ms | gwsync / floor |"),
-        "|---|---|---|---|".to_owned(),
+        format!(
+            "| N={NODES} lossless, pair | gwsync p50 ms | floor p50 ms | gwsync / floor | \
+             CPU us/write: gwsync writer | floor sender | gwsync receiver | floor receiver |"
+        ),
+        "|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     let (mut ours, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu: [Vec<f64>; 4] = Default::default();
     let gap = Duration::from_millis(50);
     for pair in 1..=pairs {
         let tag = format!("pair{pair}");
-        let gwsync = gwsync_propagation(&daemons, &tag, WRITES, gap, Duration::from_secs(30))
-            .percentile(0.5);
-        let floor = floor_propagation(&lan, dir.path(), &tag, WRITES, gap).percentile(0.5);
+        let (gwsync, gwsync_cpu) =
+            gwsync_propagation(&daemons, &tag, WRITES, gap, Duration::from_secs(30));
+        let (floor, floor_cpu) = floor_propagation(&lan, dir.path(), &tag, WRITES, gap);
+        let (gwsync, floor) = (gwsync.percentile(0.5), floor.percentile(0.5));
+        let pair_cpu = [
+            gwsync_cpu.sender,
+            floor_cpu.sender,
+            gwsync_cpu.receiver,
+            floor_cpu.receiver,
+        ];
         rows.push(format!(
-            "| {pair} | {gwsync:.2} | {floor:.2} | {:.2} |",
-            gwsync / floor
+            "| {pair} | {gwsync:.2} | {floor:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            gwsync / floor,
+            pair_cpu[0],
+            pair_cpu[1],
+            pair_cpu[2],
+            pair_cpu[3]
         ));
         ours.push(gwsync);
         floors.push(floor);
         ratios.push(gwsync / floor);
+        for (column, value) in cpu.iter_mut().zip(pair_cpu) {
+            column.push(value);
+        }
         eprintln!("pair {pair} done");
     }
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         lan::percentile(&values, 0.5)
     };
+    let [writer, sender, receiver, floor_receiver] = cpu.map(median);
     rows.push(format!(
-        "| median of {pairs} | {:.2} | {:.2} | {:.2} |",
+        "| median of {pairs} | {:.2} | {:.2} | {:.2} | {writer:.0} | {sender:.0} | {receiver:.0} | {floor_receiver:.0} |",
         median(ours),
         median(floors),
         median(ratios)

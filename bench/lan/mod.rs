@@ -226,8 +226,18 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// User + system CPU time a process has used so far, in ms.
+/// CPU time a process's main thread has used so far, in ms: the
+/// scheduler's own count (ns) where the kernel keeps one, else user +
+/// system ticks (10 ms apart: too coarse for a few microseconds a write).
 pub fn cpu_ms(pid: u32) -> f64 {
+    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
+    if let Some(on_cpu_ns) = schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse::<u64>().ok())
+    {
+        return on_cpu_ns as f64 / 1e6;
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name (field 2) may hold spaces; fields after it may not.
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -239,6 +249,59 @@ pub fn cpu_ms(pid: u32) -> f64 {
     // SAFETY: sysconf only reads a constant of the running system.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 * 1000.0 / per_second
+}
+
+/// CPU per write, in us, of the process that sends each write and the
+/// mean of those that receive it. Counted from the second write on, so the
+/// processes' start (the floor's are spawned for each run) is left out.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuPerWrite {
+    pub sender: f64,
+    pub receiver: f64,
+}
+
+pub struct CpuMeter {
+    sender: u32,
+    receivers: Vec<u32>,
+    before: Option<(f64, f64)>,
+    writes: usize,
+}
+
+impl CpuMeter {
+    pub fn new(sender: u32, receivers: Vec<u32>) -> CpuMeter {
+        CpuMeter {
+            sender,
+            receivers,
+            before: None,
+            writes: 0,
+        }
+    }
+
+    fn receivers_ms(&self) -> f64 {
+        self.receivers.iter().map(|&pid| cpu_ms(pid)).sum()
+    }
+
+    /// Called before each write (index as `propagation` counts them).
+    pub fn before_write(&mut self, index: usize) {
+        if index == 1 {
+            self.before = Some((cpu_ms(self.sender), self.receivers_ms()));
+        }
+        if index >= 1 {
+            self.writes += 1;
+        }
+    }
+
+    /// Once every write has been seen (or timed out).
+    pub fn per_write(&self) -> CpuPerWrite {
+        let (sender, receivers) = self.before.unwrap_or((0.0, 0.0));
+        let writes = self.writes.max(1) as f64;
+        CpuPerWrite {
+            sender: (cpu_ms(self.sender) - sender) * 1000.0 / writes,
+            receiver: (self.receivers_ms() - receivers) * 1000.0
+                / writes
+                / self.receivers.len().max(1) as f64,
+        }
+    }
 }
 
 /// Runs `nft -f -` with `rules` inside namespace `netns`.
