@@ -63,6 +63,9 @@ pub const TAG_LEN: usize = 16;
 /// Bytes a sealed datagram has beyond the plain one; set the engine's
 /// `Config::seal_overhead_bytes` to this when keyed.
 pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// Where a sealed datagram's (encrypted) payload starts: after the header
+/// and the nonce.
+pub const SEALED_PAYLOAD_OFFSET: usize = HEADER_LEN + NONCE_LEN;
 /// The key id of an unencrypted datagram; no key ever has it.
 pub const NO_KEY_ID: u8 = 0;
 /// Keys a [`Keyring`] holds: the one sent with and the one it replaces.
@@ -495,23 +498,41 @@ impl Keyring {
         payload: &[u8],
         rng: &mut R,
     ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + SEAL_OVERHEAD + payload.len());
+        out.resize(SEALED_PAYLOAD_OFFSET, 0);
+        out.extend_from_slice(payload);
+        self.seal_in_place(header, &mut out, rng);
+        out
+    }
+
+    /// [`Keyring::seal`] for a payload already written after
+    /// [`SEALED_PAYLOAD_OFFSET`] bytes of room (the engine builds its
+    /// datagrams so): the header and nonce go into the room, the payload is
+    /// encrypted where it is and the tag appended, with no copy.
+    pub fn seal_in_place<R: CryptoRng + ?Sized>(
+        &self,
+        header: &[u8; HEADER_LEN],
+        datagram: &mut Vec<u8>,
+        rng: &mut R,
+    ) {
         let mut nonce = [0; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         let mut header = *header;
         wire::mark_sealed(&mut header, self.primary.id);
-        let mut out = Vec::with_capacity(HEADER_LEN + SEAL_OVERHEAD + payload.len());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(payload);
-        let (head, body) = out.split_at_mut(HEADER_LEN + NONCE_LEN);
+        if datagram.len() < SEALED_PAYLOAD_OFFSET {
+            // Shorter than the room: the payload is empty.
+            datagram.resize(SEALED_PAYLOAD_OFFSET, 0);
+        }
+        datagram[..HEADER_LEN].copy_from_slice(&header);
+        datagram[HEADER_LEN..SEALED_PAYLOAD_OFFSET].copy_from_slice(&nonce);
+        let (head, body) = datagram.split_at_mut(SEALED_PAYLOAD_OFFSET);
         let tag = self
             .primary
             .cipher
             .encrypt_in_place_detached(&nonce.into(), &head[..HEADER_LEN], body)
             // The only failure is a message over 256 GiB, which no datagram is.
             .expect("a datagram payload is within the AEAD's length limit");
-        out.extend_from_slice(&tag);
-        out
+        datagram.extend_from_slice(&tag);
     }
 
     /// Authenticates and decrypts a sealed datagram whose header was

@@ -437,6 +437,33 @@ fn emit_version(version: Version, out: &mut Vec<u8>) {
 
 /// Appends one entry in the Entries layout; callers size datagrams with
 /// [`WireEntry::encoded_len`].
+/// What an Entries payload holds before its `count` entries (each then
+/// written by [`emit_entry`]): a sender can write entries it only borrows
+/// and put this in front, without an owned [`WireEntry`] for each.
+pub fn emit_entries_prefix(
+    repair: Option<RepairTag>,
+    digest: Option<u64>,
+    count: u16,
+    out: &mut Vec<u8>,
+) {
+    let mut kind = 0;
+    if repair.is_some() {
+        kind |= ENTRIES_REPAIR;
+    }
+    if digest.is_some() {
+        kind |= ENTRIES_DIGEST;
+    }
+    out.push(kind);
+    if let Some(tag) = repair {
+        out.extend_from_slice(&tag.bucket.to_be_bytes());
+        out.extend_from_slice(&tag.digest.to_be_bytes());
+    }
+    if let Some(digest) = digest {
+        out.extend_from_slice(&digest.to_be_bytes());
+    }
+    out.extend_from_slice(&count.to_be_bytes());
+}
+
 pub fn emit_entry(key: &str, version: Version, value: Option<&[u8]>, out: &mut Vec<u8>) {
     emit_key(key, out);
     emit_version(version, out);
@@ -460,22 +487,12 @@ impl Message {
                 out.extend_from_slice(&summary.clock.0.to_be_bytes());
             }
             Message::Entries(entries) => {
-                let mut kind = 0;
-                if entries.repair.is_some() {
-                    kind |= ENTRIES_REPAIR;
-                }
-                if entries.digest.is_some() {
-                    kind |= ENTRIES_DIGEST;
-                }
-                out.push(kind);
-                if let Some(tag) = entries.repair {
-                    out.extend_from_slice(&tag.bucket.to_be_bytes());
-                    out.extend_from_slice(&tag.digest.to_be_bytes());
-                }
-                if let Some(digest) = entries.digest {
-                    out.extend_from_slice(&digest.to_be_bytes());
-                }
-                out.extend_from_slice(&(entries.entries.len() as u16).to_be_bytes());
+                emit_entries_prefix(
+                    entries.repair,
+                    entries.digest,
+                    entries.entries.len() as u16,
+                    out,
+                );
                 for entry in &entries.entries {
                     emit_entry(&entry.key, entry.version, entry.value.as_deref(), out);
                 }

@@ -19,15 +19,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::crypto::{Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD};
+use crate::crypto::{
+    Accepted, CryptoError, Keyring, ReplayError, ReplayWindow, SEAL_OVERHEAD,
+    SEALED_PAYLOAD_OFFSET, TAG_LEN,
+};
 use crate::wire::{
     self, BUCKET_DIGEST_LEN, BUCKET_DIGESTS_PREFIX, BucketDigests, DecodeError, ENTRIES_PREFIX_MAX,
-    Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, Packet, RepairTag, Summary,
-    WireEntry,
+    Entries, FRAGMENT_OVERHEAD, Fragment, HEADER_LEN, Header, Message, MessageType, Packet,
+    RepairTag, Summary, WireEntry,
 };
 use clock::{Clock, Hlc, Version, remote_limit};
 use reassembly::{Reassembly, ReassemblyLimits};
-use store::{BUCKETS, BucketSummary, Entry, Merged, Rejected, Store, StoreLimits};
+use store::{BUCKETS, BucketSummary, Entry, EntryRef, Merged, Rejected, Store, StoreLimits};
 use trickle::{Trickle, TrickleConfig};
 
 /// The generator behind every seeded random choice (engine timers, the
@@ -911,7 +914,7 @@ impl Engine {
             // gap just before a copy is most likely the copies it lost.
             self.tail = Some(tail);
             if let Some(keys) = repeat {
-                self.send_pushed(keys);
+                self.send_pushed(&keys);
             }
             if finished {
                 self.tail = None;
@@ -1693,13 +1696,11 @@ impl Engine {
             .max(FRAGMENT_OVERHEAD + self.config.store.key_bytes_max + 1)
     }
 
-    fn header_flags(&self, message: &Message) -> u8 {
+    fn header_flags(&self, push: bool) -> u8 {
         let mut flags = 0;
         if self.recent(self.loss_seen_at) {
             flags |= wire::FLAG_LOSS_SEEN;
         }
-        let push = matches!(message, Message::Entries(Entries { repair: None, .. }))
-            || matches!(message, Message::Fragment(_));
         if push && self.tail.is_some() {
             flags |= wire::FLAG_TAIL_FOLLOWS;
         }
@@ -1707,6 +1708,56 @@ impl Engine {
     }
 
     fn send(&mut self, message: &Message) {
+        let mut datagram = self.datagram_buffer(256);
+        message.emit_payload(&mut datagram);
+        let kind = match message {
+            Message::Summary(_) => Sent::Summary,
+            Message::Entries(entries) if entries.repair.is_some() => Sent::Repair,
+            Message::Entries(_) => Sent::Push,
+            Message::Fragment(_) => Sent::Fragment,
+            Message::BucketDigests(_) => Sent::BucketDigests,
+        };
+        self.send_datagram(message.message_type(), kind, datagram);
+    }
+
+    /// Sends an Entries datagram of `count` entries already written (by
+    /// [`pack_entries`]) into `body`.
+    fn send_entries_body(
+        &mut self,
+        repair: Option<RepairTag>,
+        digest: Option<u64>,
+        count: u16,
+        body: &[u8],
+    ) {
+        let mut datagram = self.datagram_buffer(ENTRIES_PREFIX_MAX + body.len());
+        wire::emit_entries_prefix(repair, digest, count, &mut datagram);
+        datagram.extend_from_slice(body);
+        let kind = if repair.is_some() {
+            Sent::Repair
+        } else {
+            Sent::Push
+        };
+        self.send_datagram(MessageType::Entries, kind, datagram);
+    }
+
+    /// A datagram's buffer with room in front for the header (and, keyed,
+    /// the nonce), so the payload written after it goes out without
+    /// another copy.
+    fn datagram_buffer(&self, payload_bytes: usize) -> Vec<u8> {
+        let room = if self.keyring.is_some() {
+            SEALED_PAYLOAD_OFFSET
+        } else {
+            HEADER_LEN
+        };
+        let mut datagram = Vec::with_capacity(room + payload_bytes + TAG_LEN);
+        datagram.resize(room, 0);
+        datagram
+    }
+
+    /// Puts the header in front of a payload written after
+    /// [`Engine::datagram_buffer`]'s room, seals it when keyed, and queues
+    /// it.
+    fn send_datagram(&mut self, message_type: MessageType, kind: Sent, mut datagram: Vec<u8>) {
         if self.seq == u32::MAX {
             // A sequence never wraps within a boot, or replay windows would
             // refuse what follows: take a new boot id instead.
@@ -1716,34 +1767,32 @@ impl Engine {
         }
         self.seq += 1;
         let mut header = Header {
-            message_type: message.message_type(),
-            flags: self.header_flags(message),
+            message_type,
+            flags: self.header_flags(matches!(kind, Sent::Push | Sent::Fragment)),
             key_id: 0,
             sender: self.node_id,
             boot: self.boot,
             seq: self.seq,
         };
-        let bytes = match &self.keyring {
-            None => wire::encode(&header, message),
+        match &self.keyring {
+            None => datagram[..HEADER_LEN].copy_from_slice(&header.to_bytes()),
             Some(keyring) => {
                 header.flags |= wire::FLAG_ENCRYPTED;
                 header.key_id = keyring.primary_id();
-                let mut payload = Vec::with_capacity(256);
-                message.emit_payload(&mut payload);
-                keyring.seal(&header.to_bytes(), &payload, &mut self.nonce_rng)
+                keyring.seal_in_place(&header.to_bytes(), &mut datagram, &mut self.nonce_rng);
             }
-        };
+        }
+        let bytes = datagram;
         self.counters.datagrams_sent += 1;
         self.counters.bytes_sent += bytes.len() as u64;
-        match message {
-            Message::Summary(_) => self.counters.summaries_sent += 1,
-            Message::Entries(entries) if entries.repair.is_some() => {
-                self.counters.repairs_sent += 1
-            }
-            Message::Entries(_) => self.counters.pushes_sent += 1,
-            Message::Fragment(_) => self.counters.fragments_sent += 1,
-            Message::BucketDigests(_) => self.counters.bucket_digests_sent += 1,
-        }
+        let counter = match kind {
+            Sent::Summary => &mut self.counters.summaries_sent,
+            Sent::Repair => &mut self.counters.repairs_sent,
+            Sent::Push => &mut self.counters.pushes_sent,
+            Sent::Fragment => &mut self.counters.fragments_sent,
+            Sent::BucketDigests => &mut self.counters.bucket_digests_sent,
+        };
+        *counter += 1;
         self.transmits.push_back(bytes);
     }
 
@@ -1779,7 +1828,7 @@ impl Engine {
         if lossy {
             self.start_tail(now, self.config.tail_summaries);
         }
-        let sent = self.send_pushed(keys.clone());
+        let sent = self.send_pushed(&keys);
         if lossy {
             let (copies, summary_follows) = self.lossy_push_copies();
             if let Some(tail) = self.tail.as_mut().filter(|_| sent == 1 && copies > 1) {
@@ -1831,15 +1880,15 @@ impl Engine {
     }
 
     /// Pushes the current entries of `keys`; returns the datagrams sent.
-    fn send_pushed(&mut self, keys: Vec<String>) -> usize {
-        let entries: Vec<(String, Entry)> = keys
-            .into_iter()
-            .filter_map(|key| self.store.get(&key).map(|entry| (key, entry.to_owned())))
-            .collect();
-        self.send_entries(
-            None,
-            entries.iter().map(|(key, entry)| (key.as_str(), entry)),
-        )
+    /// The entries are written into the datagrams straight from the store.
+    fn send_pushed(&mut self, keys: &[String]) -> usize {
+        let store = &self.store;
+        let packed = pack_entries(
+            self.entries_room(),
+            keys.iter()
+                .filter_map(|key| store.get(key).map(|entry| (key.as_str(), entry))),
+        );
+        self.send_packed(None, packed)
     }
 
     /// Schedules `count` tail summaries: the first in `[Imin/8, Imin/4)`
@@ -1867,51 +1916,41 @@ impl Engine {
         });
     }
 
+    /// Bytes of entries one Entries datagram holds.
+    fn entries_room(&self) -> usize {
+        self.payload_bytes_max() - ENTRIES_PREFIX_MAX
+    }
+
     /// Packs entries into as few datagrams as fit; values too large for one
     /// datagram go out as fragments. Returns the number of datagrams.
     fn send_entries<'a>(
         &mut self,
         repair: Option<RepairTag>,
-        entries: impl Iterator<Item = (&'a str, &'a Entry)>,
+        entries: impl Iterator<Item = (&'a str, EntryRef<'a>)>,
     ) -> usize {
-        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let packed = pack_entries(self.entries_room(), entries);
+        self.send_packed(repair, packed)
+    }
+
+    fn send_packed(&mut self, repair: Option<RepairTag>, packed: PackedEntries) -> usize {
         let mut sent = 0;
-        let mut batch: Vec<WireEntry> = Vec::new();
-        let mut batch_bytes = 0;
-        for (key, entry) in entries {
-            let len = WireEntry::encoded_len(key, entry.value.as_deref());
-            if len > room {
-                sent += self.send_fragments(key, entry);
-                continue;
-            }
-            if batch_bytes + len > room {
-                self.send(&Message::Entries(Entries {
-                    repair,
-                    digest: None,
-                    entries: std::mem::take(&mut batch),
-                }));
-                sent += 1;
-                batch_bytes = 0;
-            }
-            batch_bytes += len;
-            batch.push(WireEntry {
-                key: key.to_owned(),
-                version: entry.version,
-                value: entry.value.as_deref().map(<[u8]>::to_vec),
-            });
+        for (key, entry) in &packed.oversized {
+            sent += self.send_fragments(key, entry);
         }
-        if !batch.is_empty() || (sent == 0 && repair.is_some()) {
+        let batches = packed.batches.len();
+        for (index, (count, body)) in packed.batches.iter().enumerate() {
             // The last datagram of a push tells our digest: it is our
             // summary too.
-            let digest = repair.is_none().then(|| self.store.digest());
+            let digest = (repair.is_none() && index + 1 == batches).then(|| self.store.digest());
             if let Some(digest) = digest {
                 self.announced = Some((digest, self.now));
             }
-            self.send(&Message::Entries(Entries {
-                repair,
-                digest,
-                entries: batch,
-            }));
+            self.send_entries_body(repair, digest, *count, body);
+            sent += 1;
+        }
+        if sent == 0 && repair.is_some() {
+            // An empty bucket is told by an empty repair.
+            self.send_entries_body(repair, None, 0, &[]);
             sent += 1;
         }
         sent
@@ -1920,7 +1959,7 @@ impl Engine {
     /// How [`Engine::send_entries`] splits entries into datagrams: each
     /// unit is one datagram, or one entry sent as fragments.
     fn pack(&self, entries: &[(String, Entry)]) -> Vec<Vec<usize>> {
-        let room = self.payload_bytes_max() - ENTRIES_PREFIX_MAX;
+        let room = self.entries_room();
         let mut units = Vec::new();
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
@@ -2041,11 +2080,10 @@ impl Engine {
             sent += self.send_entries(
                 Some(tag),
                 unit.iter()
-                    .map(|&at| (entries[at].0.as_str(), &entries[at].1)),
+                    .map(|&at| (entries[at].0.as_str(), entries[at].1.as_ref())),
             );
         }
         if units.is_empty() {
-            // An empty bucket is told by an empty repair.
             sent += self.send_entries(Some(tag), std::iter::empty());
         }
         let bytes = self.counters.bytes_sent - bytes_before;
@@ -2054,6 +2092,59 @@ impl Engine {
             self.repair_due = Some(now + self.config.repair_datagram_interval_ms * sent as u64);
         }
     }
+}
+
+/// What a datagram was sent as, for its counter and header flags.
+#[derive(Clone, Copy)]
+enum Sent {
+    Summary,
+    Push,
+    Repair,
+    Fragment,
+    BucketDigests,
+}
+
+/// Entries written into datagram bodies while borrowed (from the store, or
+/// a repair's copy of a bucket): no owned copy of each on the way out.
+#[derive(Default)]
+struct PackedEntries {
+    /// Each datagram's entry count and its entries as [`wire::emit_entry`]
+    /// wrote them.
+    batches: Vec<(u16, Vec<u8>)>,
+    /// Entries too large for one datagram: they go out as fragments.
+    oversized: Vec<(String, Entry)>,
+}
+
+/// Packs entries in order into as few datagrams of `room` bytes as fit,
+/// as [`Engine::pack`] plans a repair's units.
+fn pack_entries<'a>(
+    room: usize,
+    entries: impl Iterator<Item = (&'a str, EntryRef<'a>)>,
+) -> PackedEntries {
+    let mut packed = PackedEntries::default();
+    let mut body = Vec::new();
+    let mut count = 0u16;
+    let mut body_bytes = 0;
+    for (key, entry) in entries {
+        let len = WireEntry::encoded_len(key, entry.value);
+        if len > room {
+            packed.oversized.push((key.to_owned(), entry.to_owned()));
+            continue;
+        }
+        if body_bytes + len > room {
+            packed.batches.push((count, std::mem::take(&mut body)));
+            count = 0;
+            body_bytes = 0;
+        }
+        body_bytes += len;
+        body.reserve(len);
+        wire::emit_entry(key, entry.version, entry.value, &mut body);
+        count += 1;
+    }
+    if count > 0 {
+        packed.batches.push((count, body));
+    }
+    packed
 }
 
 /// Units of a repair (see [`Engine::pack`]) a requester already holds, as
