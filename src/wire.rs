@@ -435,8 +435,6 @@ fn emit_version(version: Version, out: &mut Vec<u8>) {
     out.extend_from_slice(&version.origin.0.to_be_bytes());
 }
 
-/// Appends one entry in the Entries layout; callers size datagrams with
-/// [`WireEntry::encoded_len`].
 /// What an Entries payload holds before its `count` entries (each then
 /// written by [`emit_entry`]): a sender can write entries it only borrows
 /// and put this in front, without an owned [`WireEntry`] for each.
@@ -464,6 +462,8 @@ pub fn emit_entries_prefix(
     out.extend_from_slice(&count.to_be_bytes());
 }
 
+/// Appends one entry in the Entries layout; callers size datagrams with
+/// [`WireEntry::encoded_len`].
 pub fn emit_entry(key: &str, version: Version, value: Option<&[u8]>, out: &mut Vec<u8>) {
     emit_key(key, out);
     emit_version(version, out);

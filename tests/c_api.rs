@@ -310,10 +310,7 @@ fn have_valgrind() -> bool {
         ));
         return false;
     }
-    let found = Command::new("valgrind")
-        .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success());
+    let found = common::tool_found("valgrind");
     if !found {
         common::skip("valgrind is not installed (apt-get install valgrind)");
     }
@@ -541,8 +538,7 @@ fn header_is_fresh() {
 
 #[test]
 fn pkg_config_gives_the_link_line() {
-    let found = Command::new("pkg-config").arg("--version").output().is_ok();
-    if !found {
+    if !common::tool_found("pkg-config") {
         common::skip("pkg-config is not installed (apt-get install pkg-config)");
         return;
     }
@@ -837,11 +833,7 @@ fn install_script_gives_a_prefix_that_pkg_config_and_cc_use() {
         ));
         return;
     }
-    if Command::new("pkg-config")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !common::tool_found("pkg-config") {
         common::skip("pkg-config is not installed (apt-get install pkg-config)");
         return;
     }

@@ -81,11 +81,7 @@ fn twenty_percent_loss_everywhere_still_converges() {
     let Some(lan) = Lan::connected("twenty_percent_loss_everywhere_still_converges", 4) else {
         return;
     };
-    let nft_found = std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !nft_found {
+    if !common::tool_found("nft") {
         common::skip("nft is not installed (apt-get install nftables): it drops the packets");
         return;
     }

@@ -1782,9 +1782,8 @@ impl Engine {
                 keyring.seal_in_place(&header.to_bytes(), &mut datagram, &mut self.nonce_rng);
             }
         }
-        let bytes = datagram;
         self.counters.datagrams_sent += 1;
-        self.counters.bytes_sent += bytes.len() as u64;
+        self.counters.bytes_sent += datagram.len() as u64;
         let counter = match kind {
             Sent::Summary => &mut self.counters.summaries_sent,
             Sent::Repair => &mut self.counters.repairs_sent,
@@ -1793,7 +1792,7 @@ impl Engine {
             Sent::BucketDigests => &mut self.counters.bucket_digests_sent,
         };
         *counter += 1;
-        self.transmits.push_back(bytes);
+        self.transmits.push_back(datagram);
     }
 
     fn send_summary(&mut self) {

@@ -132,6 +132,15 @@ pub fn skip(why: &str) {
     }
 }
 
+/// Whether `program --version` runs and succeeds: the test's tool is
+/// installed (else the caller skips, naming the package).
+pub fn tool_found(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
 /// Says that a test cannot run on this platform by its nature (an x86_64-only
 /// tool while the test binary runs under the cross emulator, say): a skip
 /// even under CI, as opposed to a missing precondition ([`skip`]).
