@@ -8,6 +8,7 @@
 //!     cargo run --release --example simbench -- --snapshot  # the plan tests/sim.rs checks
 //!     ... --join-keys 0 --partition-writes 0    # update figures only
 //!     ... --gwsync-only                          # while tuning
+//!     ... --loss-burst-ms 20                     # loss in bursts, as on Wi-Fi
 //!     ... --updates-per-seed 5                   # 50 updates per row, not 500
 //!     cargo run --release --example simbench -- --attacks  # attack rows only
 
@@ -49,6 +50,9 @@ fn main() {
     if let Some(losses) = list("--loss") {
         plan.losses = losses.into_iter().map(|l| l as u32).collect();
     }
+    if let Some(burst) = option("--loss-burst-ms") {
+        plan.loss_burst_ms = burst.parse().expect("--loss-burst-ms takes a number");
+    }
     if let Some(keys) = option("--join-keys") {
         plan.join_keys = keys.parse().expect("--join-keys takes a number");
     }
@@ -64,6 +68,12 @@ fn main() {
         return;
     }
     if !json {
+        if plan.loss_burst_ms > 0 {
+            println!(
+                "loss in bursts of {} ms on average at each gateway",
+                plan.loss_burst_ms
+            );
+        }
         println!("{TABLE_HEADER}");
     }
     bench::run(&plan, |row| {

@@ -192,10 +192,15 @@ pub fn engine_factory(config: Config) -> Factory {
 }
 
 /// Faults of the simulated LAN. Percentages apply to each copy of each
-/// datagram independently.
+/// datagram independently, unless loss comes in bursts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Medium {
     pub loss_percent: u32,
+    /// Mean length of a stretch in which a gateway hears nothing, in ms;
+    /// 0 loses each datagram on its own. Multicast over Wi-Fi is lost in
+    /// bursts: interference, a station dozing through a beacon interval.
+    /// `loss_percent` stays the share of time (so of datagrams) lost.
+    pub loss_burst_ms: u64,
     pub duplicate_percent: u32,
     pub delay_ms_min: u64,
     pub delay_ms_max: u64,
@@ -205,10 +210,55 @@ impl Default for Medium {
     fn default() -> Self {
         Medium {
             loss_percent: 0,
+            loss_burst_ms: 0,
             duplicate_percent: 0,
             delay_ms_min: 1,
             delay_ms_max: 1,
         }
+    }
+}
+
+/// What one gateway hears of the medium over time, for loss in bursts:
+/// stretches of hearing and of not hearing alternate, each as long as an
+/// exponential draw (a two-state Gilbert channel in continuous time).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reception {
+    /// `None` until first asked, then (losing, until when in ms).
+    state: Option<(bool, f64)>,
+}
+
+impl Reception {
+    /// Whether a datagram reaching this gateway at `now` is lost.
+    pub fn lost(&mut self, now: u64, medium: &Medium, rng: &mut SeededRng) -> bool {
+        let loss = medium.loss_percent;
+        if medium.loss_burst_ms == 0 || loss == 0 || loss >= 100 {
+            return rng.random_range(0..100) < loss;
+        }
+        let burst = medium.loss_burst_ms as f64;
+        let clear = burst * f64::from(100 - loss) / f64::from(loss);
+        let stretch = |losing: bool, rng: &mut SeededRng| {
+            let mean = if losing { burst } else { clear };
+            -mean * (1.0 - rng.random::<f64>()).ln()
+        };
+        let now = now as f64;
+        // A stretch starts in the long-run mix of the two when first asked,
+        // and again after a long silence (an idle group's seconds between
+        // summaries would otherwise be walked through stretch by stretch):
+        // memoryless stretches forget their past within a few of them.
+        let forgotten = |(_, until): (bool, f64)| now - until > 64.0 * (burst + clear);
+        let (mut losing, mut until) = self
+            .state
+            .filter(|&state| !forgotten(state))
+            .unwrap_or_else(|| {
+                let losing = rng.random_range(0..100) < loss;
+                (losing, now + stretch(losing, rng))
+            });
+        while until <= now {
+            losing = !losing;
+            until += stretch(losing, rng);
+        }
+        self.state = Some((losing, until));
+        losing
     }
 }
 
@@ -220,6 +270,7 @@ struct Node {
     debounce: Option<Debounce>,
     clock_offset_ms: i64,
     partition: u32,
+    reception: Reception,
 }
 
 /// Totals over a run, for the benchmarks.
@@ -286,6 +337,7 @@ impl Sim {
                 .map(|interval| Debounce::new(interval, 0)),
             clock_offset_ms: 0,
             partition: 0,
+            reception: Reception::default(),
         });
         self.tell_wall_clock(index);
         self.flush(index);
@@ -309,6 +361,7 @@ impl Sim {
                 .map(|interval| Debounce::new(interval, 0)),
             clock_offset_ms: 0,
             partition: 0,
+            reception: Reception::default(),
         });
         self.tell_wall_clock(index);
         self.flush(index);
@@ -516,7 +569,8 @@ impl Sim {
                 1
             };
             for _ in 0..copies {
-                if self.rng.random_range(0..100) < self.medium.loss_percent {
+                let reception = &mut self.nodes[to].reception;
+                if reception.lost(self.now, &self.medium, &mut self.rng) {
                     continue;
                 }
                 let delay = self.rng.random_range(

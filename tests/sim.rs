@@ -11,7 +11,7 @@ use gwsync::engine::{Config, Engine};
 use gwsync::sim::byzantine::{
     Forger, answer_to, answer_to_each, empty_store_digests, forged_datagrams, settled_group,
 };
-use gwsync::sim::{Medium, Sim, drive_bounded, engine_factory};
+use gwsync::sim::{Medium, Reception, Sim, drive_bounded, engine_factory};
 use rand::Rng;
 
 /// Every write made in a run; the expected end state is their
@@ -291,12 +291,55 @@ fn faulty_run(seed: u64, medium: Medium, crash: bool, skew: bool) {
     );
 }
 
+/// Loss in bursts keeps its share of datagrams and comes in stretches of
+/// the mean length asked for; without bursts a loss says nothing of the
+/// next datagram.
+#[test]
+fn loss_in_bursts_keeps_its_rate_and_its_mean_burst() {
+    const SAMPLES: u64 = 1_000_000;
+    // One datagram every millisecond for 1,000 s: (share lost, mean run
+    // of consecutive losses).
+    let heard = |loss_burst_ms: u64| -> (f64, f64) {
+        let medium = Medium {
+            loss_percent: 10,
+            loss_burst_ms,
+            ..Medium::default()
+        };
+        let mut rng = <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(7);
+        let mut reception = Reception::default();
+        let (mut lost, mut runs, mut previous) = (0u64, 0u64, false);
+        for now in 0..SAMPLES {
+            let this = reception.lost(now, &medium, &mut rng);
+            lost += u64::from(this);
+            runs += u64::from(this && !previous);
+            previous = this;
+        }
+        (lost as f64 / SAMPLES as f64, lost as f64 / runs as f64)
+    };
+    let (share, mean_run) = heard(20);
+    assert!((0.09..0.11).contains(&share), "bursts: {share} lost");
+    assert!(
+        (17.0..23.0).contains(&mean_run),
+        "bursts: runs of {mean_run}"
+    );
+    // Independent losses run 1 / (1 - 0.1) = 1.11 long on average.
+    let (share, mean_run) = heard(0);
+    assert!((0.098..0.102).contains(&share), "independent: {share} lost");
+    assert!(
+        (1.08..1.14).contains(&mean_run),
+        "independent: runs of {mean_run}"
+    );
+}
+
 #[test]
 fn convergence_under_loss_duplication_and_reordering() {
     for seed in seeds(30) {
-        for loss in [0, 10, 30] {
+        // (loss %, mean burst ms): bursts as on Wi-Fi, a dozing station's
+        // beacon interval too.
+        for (loss, burst) in [(0, 0), (10, 0), (30, 0), (10, 5), (30, 100)] {
             let medium = Medium {
                 loss_percent: loss,
+                loss_burst_ms: burst,
                 duplicate_percent: 10,
                 delay_ms_min: 1,
                 delay_ms_max: 30,
@@ -369,6 +412,7 @@ fn random_topologies_and_faults_always_converge() {
         let n = rng.random_range(2..=6);
         let medium = Medium {
             loss_percent: [0, 0, 10, 30][rng.random_range(0..4)],
+            loss_burst_ms: [0, 0, 5, 50][rng.random_range(0..4)],
             duplicate_percent: rng.random_range(0..10),
             delay_ms_min: 1,
             delay_ms_max: rng.random_range(1..60),

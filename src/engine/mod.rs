@@ -1835,10 +1835,12 @@ impl Engine {
                 tail.repeats_left = copies - 1;
                 // Each copy is a delivery, not a question that waits for
                 // answers, and a late copy is the p99 of the group: evenly
-                // spaced from the push, Imin/16 apart (ten within 62.5 ms by
-                // default). Closer would buy little: on a real LAN copies
-                // nearer than a few milliseconds fall in one burst of loss.
-                tail.gap_ms = self.config.trickle.imin_ms.max(16) / 16;
+                // spaced from the push, Imin/8 apart (ten within 125 ms by
+                // default). Closer copies are lost together in a burst of
+                // loss more often: Imin/16 halved the p99 under independent
+                // loss and took it to seconds under bursts of 2 ms at N =
+                // 128 and of 5 ms from N = 32 (bench/README.md).
+                tail.gap_ms = self.config.trickle.imin_ms.max(8) / 8;
                 tail.due = now + tail.gap_ms;
                 if !summary_follows {
                     tail.remaining = 0;
@@ -2374,8 +2376,8 @@ mod tests {
                     .iter()
                     .all(|header| header.flags & wire::FLAG_TAIL_FOLLOWS != 0)
             );
-            // The push leaves at once, its copies evenly Imin/16 apart.
-            let copy_gap = a.config.trickle.imin_ms / 16;
+            // The push leaves at once, its copies evenly Imin/8 apart.
+            let copy_gap = a.config.trickle.imin_ms / 8;
             let push_times = sent
                 .iter()
                 .filter(|(_, header)| header.message_type == wire::MessageType::Entries)

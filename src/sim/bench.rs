@@ -34,6 +34,9 @@ use crate::engine::Config;
 pub struct Plan {
     pub ns: Vec<usize>,
     pub losses: Vec<u32>,
+    /// Mean length of a loss burst at each gateway (see
+    /// [`Medium::loss_burst_ms`]); 0 loses each datagram on its own.
+    pub loss_burst_ms: u64,
     /// Seeds `0..seeds` for the update figures.
     pub seeds: u64,
     pub updates_per_seed: usize,
@@ -51,6 +54,7 @@ impl Default for Plan {
         Plan {
             ns: vec![3, 8, 32, 128],
             losses: vec![0, 10, 30],
+            loss_burst_ms: 0,
             // 500 updates per row: the p99 is then the 5th slowest, where
             // with 50 it was the slowest, one update in 50 that moved from
             // 40 ms to 7 s with the seeds drawn. Updates are cheap to
@@ -72,6 +76,7 @@ impl Plan {
         Plan {
             ns: vec![3, 16],
             losses: vec![0, 10, 30],
+            loss_burst_ms: 0,
             seeds: 1,
             updates_per_seed: 3,
             join_keys: 300,
@@ -169,9 +174,10 @@ struct UpdateFigures {
     steady_per_interval: f64,
 }
 
-fn medium(loss: u32) -> Medium {
+fn medium(plan: &Plan, loss: u32) -> Medium {
     Medium {
         loss_percent: loss,
+        loss_burst_ms: plan.loss_burst_ms,
         ..Medium::default()
     }
 }
@@ -179,7 +185,7 @@ fn medium(loss: u32) -> Medium {
 fn measure_updates(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> UpdateFigures {
     let config = &plan.config;
     let imax = config.trickle.imax_ms;
-    let mut sim = Sim::new(seed, n, medium(loss), system.factory(config));
+    let mut sim = Sim::new(seed, n, medium(plan, loss), system.factory(config));
     for i in 0..10 {
         sim.write(
             i % n,
@@ -252,7 +258,7 @@ fn measure_stream(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -
     let before = sim.traffic();
     sim.run_for(10 * imax);
     let steady_per_ms = (sim.traffic().datagrams - before.datagrams) as f64 / (10 * imax) as f64;
-    sim.set_medium(medium(loss));
+    sim.set_medium(medium(plan, loss));
     let start = sim.now();
     let before = sim.traffic();
     let mut pending: Vec<(String, Vec<u8>, u64)> = Vec::new();
@@ -332,7 +338,7 @@ fn measure_join(plan: &Plan, system: System, n: usize, loss: u32, seed: u64) -> 
     // its rhythm, minutes of re-sending the whole set.
     sim.run_until_condition(LIMIT_MS, Sim::settled)
         .unwrap_or_else(|| panic!("{} n={n} seed={seed}: did not settle", system.name()));
-    sim.set_medium(medium(loss));
+    sim.set_medium(medium(plan, loss));
     let before = sim.traffic();
     let joiner = sim.add_node();
     sim.trigger(joiner);
