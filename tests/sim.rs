@@ -297,9 +297,9 @@ fn faulty_run(seed: u64, medium: Medium, crash: bool, skew: bool) {
 #[test]
 fn loss_in_bursts_keeps_its_rate_and_its_mean_burst() {
     const SAMPLES: u64 = 1_000_000;
-    // One datagram every millisecond for 1,000 s: (share lost, mean run
-    // of consecutive losses).
-    let heard = |loss_burst_ms: u64| -> (f64, f64) {
+    // One datagram every `every_ms` (1,000,000 of them): (share lost, mean
+    // run of consecutive losses).
+    let heard = |loss_burst_ms: u64, every_ms: u64| -> (f64, f64) {
         let medium = Medium {
             loss_percent: 10,
             loss_burst_ms,
@@ -308,22 +308,31 @@ fn loss_in_bursts_keeps_its_rate_and_its_mean_burst() {
         let mut rng = <gwsync::engine::SeededRng as rand::SeedableRng>::seed_from_u64(7);
         let mut reception = Reception::default();
         let (mut lost, mut runs, mut previous) = (0u64, 0u64, false);
-        for now in 0..SAMPLES {
-            let this = reception.lost(now, &medium, &mut rng);
+        for sample in 0..SAMPLES {
+            let this = reception.lost(sample * every_ms, &medium, &mut rng);
             lost += u64::from(this);
             runs += u64::from(this && !previous);
             previous = this;
         }
         (lost as f64 / SAMPLES as f64, lost as f64 / runs as f64)
     };
-    let (share, mean_run) = heard(20);
+    let (share, mean_run) = heard(20, 1);
     assert!((0.09..0.11).contains(&share), "bursts: {share} lost");
     assert!(
         (17.0..23.0).contains(&mean_run),
         "bursts: runs of {mean_run}"
     );
+    // Heard a minute apart, as in an idle group, bursts of 20 ms are as good
+    // as independent: the channel starts afresh after a long silence, from
+    // the long-run mix of hearing and not hearing.
+    let (share, mean_run) = heard(20, 60_000);
+    assert!((0.098..0.102).contains(&share), "sparse: {share} lost");
+    assert!(
+        (1.08..1.14).contains(&mean_run),
+        "sparse: runs of {mean_run}"
+    );
     // Independent losses run 1 / (1 - 0.1) = 1.11 long on average.
-    let (share, mean_run) = heard(0);
+    let (share, mean_run) = heard(0, 1);
     assert!((0.098..0.102).contains(&share), "independent: {share} lost");
     assert!(
         (1.08..1.14).contains(&mean_run),
