@@ -1839,7 +1839,7 @@ impl Engine {
                 // default). Closer copies are lost together in a burst of
                 // loss more often: Imin/16 halved the p99 under independent
                 // loss and took it to seconds under bursts of 2 ms at N =
-                // 128 and of 5 ms from N = 32 (bench/README.md).
+                // 128 and of 5 ms at every N (bench/README.md).
                 tail.gap_ms = self.config.trickle.imin_ms.max(8) / 8;
                 tail.due = now + tail.gap_ms;
                 if !summary_follows {
