@@ -9,6 +9,7 @@
 //!     ... --join-keys 0 --partition-writes 0    # update figures only
 //!     ... --gwsync-only                          # while tuning
 //!     ... --loss-burst-ms 20                     # loss in bursts, as on Wi-Fi
+//!     ... --left-out-inverse 20                  # fewer copies of a push, a later p99
 //!     ... --updates-per-seed 5                   # 50 updates per row, not 500
 //!     cargo run --release --example simbench -- --attacks  # attack rows only
 
@@ -53,6 +54,10 @@ fn main() {
     if let Some(burst) = option("--loss-burst-ms") {
         plan.loss_burst_ms = burst.parse().expect("--loss-burst-ms takes a number");
     }
+    if let Some(inverse) = option("--left-out-inverse") {
+        plan.config.push_left_out_inverse =
+            inverse.parse().expect("--left-out-inverse takes a number");
+    }
     if let Some(keys) = option("--join-keys") {
         plan.join_keys = keys.parse().expect("--join-keys takes a number");
     }
@@ -72,6 +77,13 @@ fn main() {
             println!(
                 "loss in bursts of {} ms on average at each gateway",
                 plan.loss_burst_ms
+            );
+        }
+        let default_inverse = gwsync::engine::Config::default().push_left_out_inverse;
+        if plan.config.push_left_out_inverse != default_inverse {
+            println!(
+                "copies of a push leave one update in {} with a gateway that lost them all",
+                plan.config.push_left_out_inverse
             );
         }
         println!("{TABLE_HEADER}");

@@ -104,11 +104,17 @@ pub struct Config {
     /// On a lossy LAN a push of one datagram is sent again, evenly spaced
     /// from where the first tail summary would go, so that gateways that
     /// lost it need no repair round at all: as many copies as the loss
-    /// rate lately needs to leave one update in 200 with a gateway that
-    /// lost every copy, in a group of the peers heard (of at least eight
-    /// times this many, when this many were heard: Trickle keeps most of a
-    /// large group quiet).
+    /// rate lately needs (see `push_left_out_inverse`) in a group of the
+    /// peers heard (of at least eight times this many, when this many were
+    /// heard: Trickle keeps most of a large group quiet).
     pub tail_repeat_peers_min: usize,
+    /// The copies of a lone push on a lossy LAN leave at most one update in
+    /// this many with a gateway that lost them all; it then waits for a
+    /// Trickle summary, seconds in an idle group. This is the trade between
+    /// airtime and the p99: at 10 % loss 20 spends about one datagram less
+    /// per update and puts the p99 at N = 32 and 128 at 6-7 s
+    /// (bench/README.md, "Copies against the p99").
+    pub push_left_out_inverse: u32,
     /// A datagram missed from a peer (a sequence gap) is answered with one
     /// summary of ours, so a lost push is noticed at the sender's next
     /// datagram; at most one such probe per this interval.
@@ -158,6 +164,7 @@ impl Default for Config {
             loss_memory_ms: 600_000,
             tail_summaries: 1,
             tail_repeat_peers_min: 4,
+            push_left_out_inverse: 200,
             gap_probe_interval_ms: 1_000,
             peers_max: 256,
             sender_datagrams_per_sec_max: 2_000,
@@ -448,10 +455,6 @@ const LOSS_GAP_COUNTED_MAX: u32 = 8;
 /// datagram each.
 const LOSS_PRIOR_SAMPLED: f64 = 4.0;
 const LOSS_PRIOR_MISSED: f64 = 0.8;
-/// A lone push on a lossy LAN goes out in enough copies that at most one
-/// update in this many leaves a gateway without any (see
-/// `lossy_push_copies`).
-const PUSH_LEFT_OUT_INVERSE: f64 = 200.0;
 /// However lossy the LAN (or a forger's sequence gaps make it look): the
 /// copies of one push are bounded.
 const PUSH_COPIES_MAX: u32 = 10;
@@ -1854,7 +1857,7 @@ impl Engine {
     /// the push but hears the summary asks at once).
     ///
     /// As many copies as leave at most one update in
-    /// [`PUSH_LEFT_OUT_INVERSE`] with a gateway that lost them all: it
+    /// [`Config::push_left_out_inverse`] with a gateway that lost them all: it
     /// then waits for a Trickle summary, seconds in an idle group, which
     /// is the whole p99 of a lossy group. Repeating a one-datagram push is
     /// the best erasure code there is: a repair round (request and answer,
@@ -1875,8 +1878,9 @@ impl Engine {
         let loss = (f64::from(self.datagrams_missed) + LOSS_PRIOR_MISSED)
             / (f64::from(self.datagrams_heard + self.datagrams_missed) + LOSS_PRIOR_SAMPLED);
         let mut left_out = assumed_peers as f64 * loss;
+        let left_out_inverse = f64::from(self.config.push_left_out_inverse);
         let mut copies = 1;
-        while copies < PUSH_COPIES_MAX && left_out * PUSH_LEFT_OUT_INVERSE > 1.0 {
+        while copies < PUSH_COPIES_MAX && left_out * left_out_inverse > 1.0 {
             left_out *= loss;
             copies += 1;
         }
@@ -2350,8 +2354,9 @@ mod tests {
         // were heard, 40 datagrams each, one missed after every
         // `heard_per_miss`; each push says that more follows, the last
         // copy too.
-        let sent_after = |peers: u64, heard_per_miss: u32| {
+        let sent_after_with = |peers: u64, heard_per_miss: u32, left_out_inverse: u32| {
             let (mut a, _) = two_settled_engines();
+            a.config.push_left_out_inverse = left_out_inverse;
             let mut now = SETTLED;
             for peer in 10..10 + peers {
                 for n in 0..40 {
@@ -2394,6 +2399,9 @@ mod tests {
                 .count();
             (pushes.len(), summaries)
         };
+        let default_inverse = Config::default().push_left_out_inverse;
+        let sent_after =
+            |peers, heard_per_miss| sent_after_with(peers, heard_per_miss, default_inverse);
         // Six peers, no datagram missed: what 32 peers would need with the
         // prior's 0.8 datagrams missed in 238 (32 * 0.0034 = 1 in 9 left
         // without the push, 32 * 0.0034^2 = 1 in 2,700).
@@ -2408,6 +2416,12 @@ mod tests {
         // Two peers at 1 in 10 missed: 2 * 0.1^3 = 1 in 500 left without
         // it, 2 * 0.1^2 = 1 in 50 too many.
         assert_eq!(sent_after(1, 9), (3, 0), "two peers, light loss");
+        // One update in 20 may leave a gateway out: 2 * 0.1^2 = 1 in 50.
+        assert_eq!(
+            sent_after_with(1, 9, 20),
+            (2, 0),
+            "two peers, light loss, fewer copies wanted"
+        );
         // A handful of datagrams say little of the rate yet: copies as for
         // the prior's heavy loss, 2 * 0.2^4 = 1 in 312 left without it,
         // 2 * 0.2^3 = 1 in 62 too many.
